@@ -1,0 +1,241 @@
+"""The attack catalogue: names, descriptions and validated parameter models.
+
+This module imports no torch. The HTTP API imports it to validate request
+bodies and to publish JSON Schemas; the engine imports it to validate the same
+parameters before any work starts. One source serves both sides.
+
+Every attack has one frozen pydantic parameter model (``extra="forbid"``, so a
+parameter an attack does not take is an error naming it) and one entry point,
+``"module:function"``, resolved lazily by :func:`attacks.registry.resolve`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "AttackInfo",
+    "CATALOGUE",
+    "JobOptions",
+    "HeadRecipe",
+    "UnknownAttackError",
+    "get_attack",
+    "attack_names",
+    "validate_job",
+    "ValidationError",
+]
+
+PAPER = (
+    "Lu, Yang, Kamath, Yu. Exploring the Limits of Model-Targeted Indiscriminate "
+    "Data Poisoning Attacks on Pre-trained Feature Extractors. SaTML 2024."
+)
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HeadRecipe(_Params):
+    """The one training recipe for the linear head, used for the clean head and every evaluation."""
+
+    optimizer: Literal["lbfgs", "sgd"] = Field(
+        "lbfgs",
+        description="lbfgs: full-batch L-BFGS with strong-Wolfe line search on cached features "
+        "(deterministic, insensitive to the feature scale). sgd: the reference protocol, "
+        "mini-batch SGD with a seeded shuffle.",
+    )
+    epochs: int = Field(100, ge=1, le=10_000, description="SGD epochs, or L-BFGS iterations.")
+    lr: float = Field(0.1, gt=0, le=100, description="SGD learning rate (L-BFGS uses lr 1 with line search).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (plim uses none).")
+    batch_size: int = Field(256, ge=1, le=65_536, description="SGD mini-batch size.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 penalty on W (0 keeps GC's stationarity exact).")
+
+
+class GradPCParams(_Params):
+    """Stage 1: target parameters by one normalised gradient-ascent step."""
+
+    eps_w: float = Field(
+        1.0,
+        gt=0,
+        le=1e6,
+        description="L2 length of the ascent step on (W, b). The paper uses 1; the right value "
+        "depends on the feature scale of the encoder.",
+    )
+    target_accuracy: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="If set, eps_w is found by bisection so that the target head's test accuracy "
+        "is at most this value (eps_w is then the smallest such step, capped at 1e6).",
+    )
+
+
+class GCFeatureParams(GradPCParams):
+    """Stage 2: Gradient Canceling in feature space."""
+
+    gc_steps: int = Field(2000, ge=1, le=100_000, description="Gradient-descent steps on zeta (paper: 2000).")
+    gc_lr: float = Field(
+        0.05,
+        gt=0,
+        le=100,
+        description="Step size for zeta, relative: the step actually taken is gc_lr / L where L is "
+        "a power-iteration estimate of the residual's curvature, so it transfers across encoders.",
+    )
+    cancel_bias: bool = Field(False, description="Also cancel the bias gradient (plim cancels only W).")
+    stop_loss: float = Field(1.0, ge=0, description="Stop when 1/2||residual||^2 falls below this (paper: 1).")
+    subset: Literal["random", "first"] = Field(
+        "random", description="Which clean points initialise zeta: a seeded random subset, or the first ones (plim)."
+    )
+
+
+class FeatureMatchingParams(GCFeatureParams):
+    """Stage 3: feature matching (Algorithm 1)."""
+
+    rounds: int = Field(1, ge=1, le=1000, description="Outer rounds k of Algorithm 1 (paper: 1).")
+    fm_steps: int = Field(2000, ge=1, le=100_000, description="Feature-matching steps t per round (paper: 2000).")
+    round_gc_steps: int = Field(
+        300, ge=0, le=100_000, description="GC steps on zeta in rounds after the first (Algorithm 1 line 6)."
+    )
+    pull: bool = Field(
+        True, description="In rounds after the first, pull zeta toward f(nu) (Algorithm 1 line 7, optional)."
+    )
+    fm_lr: float = Field(0.1, gt=0, le=100, description="Step size eta (paper: 0.1, cosine schedule).")
+    gamma: float = Field(1.0, gt=0, le=1e6, description="Weight of the feature-matching term (paper: 1).")
+    normalize_features: bool = Field(
+        True,
+        description="Measure the matching error in units of the mean clean feature norm, so that "
+        "fm_lr transfers across encoders whose features differ in scale.",
+    )
+    pairing: Literal["nearest", "nearest_unique", "gc_init"] = Field(
+        "nearest",
+        description="Base image for each zeta: the clean image with the nearest feature (paper), "
+        "the nearest not yet taken (one-to-one), or the image that initialised zeta.",
+    )
+    batch_size: int = Field(512, ge=1, le=65_536, description="Poisons optimised per batch.")
+
+
+class FeatureMatchingRParams(FeatureMatchingParams):
+    """Feature matching followed by the L_inf anomaly filter."""
+
+    anomaly_margin: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="A poison is an anomaly when any pixel lies outside [lo - margin, hi + margin], "
+        "[lo, hi] being the clean data range.",
+    )
+
+
+class AttackInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    title: str
+    description: str
+    paper: str
+    params_model: type[_Params]
+    entry: str
+    takes_beta: bool = False
+    stage: Literal["parameters", "features", "input"] = "input"
+
+    def schema_json(self) -> dict[str, Any]:
+        return self.params_model.model_json_schema()
+
+
+CATALOGUE: dict[str, AttackInfo] = {
+    a.name: a
+    for a in [
+        AttackInfo(
+            name="gradpc",
+            title="GradPC (target parameters)",
+            description="One normalised gradient-ascent step on the clean head's training loss. "
+            "Reports the accuracy of the corrupted head itself; produces no poisons.",
+            paper=PAPER + " Stage 1; Sun et al. 2020 (parameter corruption).",
+            params_model=GradPCParams,
+            entry="attacks.gradpc:run",
+            stage="parameters",
+        ),
+        AttackInfo(
+            name="gc_feature",
+            title="Gradient Canceling in feature space",
+            description="Poisoned features zeta whose head gradient cancels the clean gradient at "
+            "the GradPC target; evaluated by retraining the head on f(mu) + zeta.",
+            paper=PAPER + " Stage 2, Eq. 14; Lu et al. 2023 (Gradient Canceling).",
+            params_model=GCFeatureParams,
+            entry="attacks.gc_feature:run",
+            stage="features",
+        ),
+        AttackInfo(
+            name="feature_matching",
+            title="Feature-targeted attack: feature matching",
+            description="GradPC target, GC poisoned features, then images nu whose features match "
+            "zeta while staying near clean base images (forward-backward splitting, Algorithm 1).",
+            paper=PAPER + " Section 4.2.2, Algorithm 1, Eq. 15.",
+            params_model=FeatureMatchingParams,
+            entry="attacks.feature_matching:run",
+            takes_beta=True,
+        ),
+        AttackInfo(
+            name="feature_matching_r",
+            title="Feature matching with the anomaly filter (feature matching-r)",
+            description="Feature matching, then the poisons whose L_inf magnitude leaves the clean "
+            "range are removed before evaluation.",
+            paper=PAPER + " Table 3.",
+            params_model=FeatureMatchingRParams,
+            entry="attacks.feature_matching_r:run",
+            takes_beta=True,
+        ),
+    ]
+}
+
+
+class UnknownAttackError(ValueError):
+    def __init__(self, name: str):
+        self.name = name
+        self.valid = sorted(CATALOGUE)
+        super().__init__(f"unknown attack {name!r}; valid attacks: {', '.join(self.valid)}")
+
+
+def attack_names() -> list[str]:
+    return sorted(CATALOGUE)
+
+
+def get_attack(name: str) -> AttackInfo:
+    try:
+        return CATALOGUE[name]
+    except KeyError:
+        raise UnknownAttackError(name) from None
+
+
+class JobOptions(_Params):
+    """The parameters every job shares, validated before any work starts."""
+
+    attack: str
+    epsilon: float = Field(0.03, gt=0, le=1, description="Poisoning fraction eps_d: |nu| = eps_d * N.")
+    beta: float | None = Field(
+        None, ge=0, le=1e6, description="Constraint strength for attacks that take one (feature matching: 0.25)."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    head: HeadRecipe = HeadRecipe()
+
+
+def validate_job(
+    attack: str,
+    epsilon: float = 0.03,
+    beta: float | None = None,
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    head: dict[str, Any] | None = None,
+) -> tuple[JobOptions, _Params]:
+    """Validate everything about a job; raises UnknownAttackError or pydantic.ValidationError."""
+    info = get_attack(attack)
+    if beta is not None and not info.takes_beta:
+        raise ValueError(f"attack {attack!r} takes no beta")
+    if beta is None and info.takes_beta:
+        beta = 0.25
+    opts = JobOptions(attack=attack, epsilon=epsilon, beta=beta, seed=seed, device=device, head=head or {})
+    return opts, info.params_model(**(params or {}))

@@ -1,0 +1,9 @@
+"""Errors the engine raises on purpose. Every one carries a message meant for a user."""
+
+
+class AttackDiverged(RuntimeError):
+    """The optimisation produced non-finite values even after backing off its step."""
+
+
+class InvalidJob(ValueError):
+    """A job's inputs do not fit together (for example an encoder and a dataset)."""

@@ -1,0 +1,206 @@
+"""Feature matching: the feature-targeted attack (stages 1-3, Algorithm 1).
+
+Paper: Lu, Yang, Kamath, Yu (SaTML 2024), Section 4.2.2, Algorithm 1, Eq. 15;
+forward-backward splitting as in Feature Collision (Shafahi et al., 2018).
+
+Parameters (:class:`attacks.catalogue.FeatureMatchingParams`, plus GC's and GradPC's):
+    beta (job level, 0.25, >= 0): weight of 1/2||mu' - nu||^2 (also 0.1, 0.05 in the paper).
+    gamma (1.0, > 0): weight of 1/2||f(nu) - zeta||^2.
+    fm_steps (2000, >= 1): steps t per round; fm_lr (0.1): eta, cosine-decayed per round.
+    rounds (1, >= 1): outer rounds k. Rounds after the first first run
+        round_gc_steps GC steps on zeta (labels now those of the base images),
+        with Algorithm 1's optional pull of zeta toward f(nu) when ``pull``.
+    normalize_features (True): the matching term is measured in units of the mean
+        clean feature norm s, i.e. gamma/2 ||(f(nu) - zeta)/s||^2, so that eta
+        transfers across encoders [D]; False is the paper's raw form.
+    pairing ("nearest"): base image of each zeta: nearest clean feature (paper),
+        nearest not yet taken ("nearest_unique"), or the GC initialiser ("gc_init").
+    batch_size (512): poisons optimised together (they are independent).
+
+Each step, for a batch of poisons (n_b, C, H, W):
+    nu <- nu - eta_t * gamma * J_f(nu)^T (f(nu) - zeta) / s^2     (forward)
+    nu <- (nu + eta_t * beta * mu') / (1 + eta_t * beta)          (backward, proximal)
+No clipping (the paper clips nothing; feature matching-r filters afterwards).
+
+Returns poisons nu (n, C, H, W) float32, their labels (those of the base
+images) and base indices into the training set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attacks.catalogue import FeatureMatchingParams
+from attacks.features import autocast_for
+from attacks.errors import AttackDiverged
+from attacks.gc_feature import gradient_canceling, poisoned_features
+from attacks.progress import ProgressFn
+
+
+def nearest_clean(zeta: torch.Tensor, Z: torch.Tensor, unique: bool = False, chunk: int = 4096) -> torch.Tensor:
+    """Index of the nearest clean feature for each row of zeta (chunked GEMM).
+
+    unique: greedy one-to-one assignment, closest pairs first.
+    """
+    zn = (Z * Z).sum(1)
+    if not unique:
+        out = torch.empty(zeta.shape[0], dtype=torch.long)
+        for i in range(0, zeta.shape[0], chunk):
+            q = zeta[i : i + chunk]
+            d = zn[None, :] - 2 * q @ Z.T  # |q|^2 is constant per row
+            out[i : i + chunk] = d.argmin(1)
+        return out
+    k = min(Z.shape[0], 64)
+    cand_d, cand_i = [], []
+    for i in range(0, zeta.shape[0], chunk):
+        q = zeta[i : i + chunk]
+        d = zn[None, :] - 2 * q @ Z.T + (q * q).sum(1, keepdim=True)
+        v, j = d.topk(k, dim=1, largest=False)
+        cand_d.append(v)
+        cand_i.append(j)
+    D, I = torch.cat(cand_d), torch.cat(cand_i)
+    out = torch.full((zeta.shape[0],), -1, dtype=torch.long)
+    taken: set[int] = set()
+    order = torch.argsort(D[:, 0])
+    for r in order.tolist():
+        for j in I[r].tolist():
+            if j not in taken:
+                out[r] = j
+                taken.add(j)
+                break
+    missing = (out < 0).nonzero().flatten().tolist()
+    if missing:  # all 64 candidates taken: fall back to the nearest untaken by full search
+        free = torch.ones(Z.shape[0], dtype=torch.bool)
+        free[list(taken)] = False
+        for r in missing:
+            d = ((Z - zeta[r]) ** 2).sum(1)
+            d[~free] = float("inf")
+            j = int(d.argmin())
+            out[r] = j
+            free[j] = False
+    return out
+
+
+def match_features(
+    encoder: torch.nn.Module,
+    base: torch.Tensor,
+    zeta: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float = 1.0,
+    steps: int = 2000,
+    lr: float = 0.1,
+    scale: float = 1.0,
+    init: torch.Tensor | None = None,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    progress=None,
+) -> torch.Tensor:
+    """Algorithm 1's inner loop (lines 9-11) for all poisons, batch by batch.
+
+    base: mu' (n, C, H, W); zeta: (n, d); init: starting nu (default base).
+    scale: features are compared in units of ``scale`` (s above). Inputs are not
+    modified. Returns nu (n, C, H, W) float32 on CPU.
+    """
+    device = torch.device(device)
+    n = base.shape[0]
+    out = torch.empty_like(base, dtype=torch.float32)
+    start = base if init is None else init
+    inv_s2 = 1.0 / (scale * scale)
+    total = steps * math.ceil(n / batch_size)
+    done = 0
+    for i in range(0, n, batch_size):
+        mu = base[i : i + batch_size].to(device, torch.float32)
+        nu = start[i : i + batch_size].to(device, torch.float32).clone()
+        zt = zeta[i : i + batch_size].to(device, torch.float32)
+        for t in range(steps):
+            eta = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
+            nu.requires_grad_(True)
+            with autocast_for(device, amp):
+                f = encoder(nu)
+            err = f.float() - zt
+            # d/dnu of gamma/2 ||err||^2 / s^2 : one VJP with cotangent gamma * err / s^2
+            (g,) = torch.autograd.grad(f, nu, grad_outputs=(gamma * inv_s2) * err.to(f.dtype))
+            with torch.no_grad():
+                nu = nu.detach() - eta * g
+                nu = (nu + (eta * beta) * mu) / (1 + eta * beta)
+            done += 1
+            if progress and (t % 5 == 0 or t == steps - 1):
+                progress(done / total)
+        if not torch.isfinite(nu).all():
+            raise AttackDiverged(
+                f"feature matching diverged (non-finite poisons) at step size {lr}; lower fm_lr"
+            )
+        out[i : i + batch_size] = nu.detach().cpu()
+    return out
+
+
+@torch.no_grad()
+def _features(encoder, x: torch.Tensor, device, batch_size: int, amp: bool) -> torch.Tensor:
+    from attacks.features import extract_features
+
+    return extract_features(encoder, x, batch_size=batch_size, device=device, amp=amp)
+
+
+def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta: float, seed: int, progress=None):
+    """Stages 1-3; returns (AttackOutput fields as a dict)."""
+    report = progress or (lambda s, f: None)
+    target, G, zeta, gc_labels, gc_idx, info = poisoned_features(ctx, params, epsilon, seed, progress)
+    if params.pairing == "gc_init":
+        base_idx = gc_idx
+    else:
+        base_idx = nearest_clean(zeta, ctx.Z_train, unique=params.pairing == "nearest_unique")
+    labels = ctx.y_train[base_idx]
+    info["labels_changed_by_pairing"] = int((labels != gc_labels).sum())
+    mu = ctx.dataset.x_train[base_idx]
+    scale = ctx.Z_train.norm(dim=1).mean().item() if params.normalize_features else 1.0
+    nu = mu
+    for k in range(params.rounds):
+        if k > 0 and params.round_gc_steps > 0:
+            fz = _features(ctx.encoder, nu, ctx.device, params.batch_size, ctx.amp)
+            zeta, _ = gradient_canceling(
+                target,
+                G,
+                zeta,
+                labels,
+                steps=params.round_gc_steps,
+                lr=params.gc_lr,
+                cancel_bias=params.cancel_bias,
+                stop_loss=params.stop_loss,
+                pull_to=fz if params.pull else None,
+                pull_weight=params.gamma if params.pull else 0.0,
+                seed=seed + k,
+            )
+        nu = match_features(
+            ctx.encoder,
+            mu,
+            zeta,
+            beta=beta,
+            gamma=params.gamma,
+            steps=params.fm_steps,
+            lr=params.fm_lr,
+            scale=scale,
+            init=nu,
+            batch_size=params.batch_size,
+            device=ctx.device,
+            amp=ctx.amp,
+            progress=lambda f, k=k: report("feature_matching", (k + f) / params.rounds),
+        )
+    return dict(
+        target=target,
+        poisons=nu,
+        poison_labels=labels,
+        base_index=base_idx,
+        zeta=zeta,
+        extra=info | {"feature_scale": scale},
+    )
+
+
+def run(ctx, params: FeatureMatchingParams, *, epsilon: float, beta: float, seed: int, progress: ProgressFn | None = None):
+    """Entry point: poisoned images nu whose features match the GC features zeta."""
+    from attacks.pipeline import AttackOutput
+
+    return AttackOutput(**feature_matching(ctx, params, epsilon=epsilon, beta=beta, seed=seed, progress=progress))

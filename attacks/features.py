@@ -1,0 +1,135 @@
+"""Feature extraction and the feature cache.
+
+f(train) and f(test) are computed once per (encoder fingerprint, dataset
+content hash, split) -- the encoder fingerprint covers its weights and its
+preprocessing spec -- and reused by every stage and every evaluation. The
+extraction is batched and chunked: peak memory is bounded by the batch size,
+not by the dataset size (the output features are the only O(N) allocation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu. 'cuda' without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available; valid: auto, cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda")
+    return torch.device(device)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def extract_features(
+    encoder: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    progress: Callable[[float], None] | None = None,
+) -> torch.Tensor:
+    """f(x) for a whole set, batch by batch. x stays where it is (usually CPU);
+    only one batch at a time is on ``device``. Returns float32 (N, d) on CPU."""
+    device = resolve_device(device)
+    n = x.shape[0]
+    out: torch.Tensor | None = None
+    for i in range(0, n, batch_size):
+        xb = x[i : i + batch_size].to(device, non_blocking=True)
+        with autocast_for(device, amp):
+            zb = encoder(xb)
+        zb = zb.float().cpu()
+        if out is None:
+            out = torch.empty(n, zb.shape[1], dtype=torch.float32)
+        out[i : i + zb.shape[0]] = zb
+        if progress:
+            progress(min(i + batch_size, n) / n)
+    if out is None:
+        raise ValueError("cannot extract features of an empty set")
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("the encoder produced non-finite features")
+    return out
+
+
+class FeatureCache:
+    """f(split) by (encoder fingerprint, dataset hash, split): in memory, and on disk
+    as safetensors under ``directory`` when one is given (shared across jobs)."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory) if directory else None
+        self._memory: dict[str, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(encoder_fingerprint: str, dataset_hash: str, split: str) -> str:
+        raw = f"{encoder_fingerprint}:{dataset_hash}:{split}".encode()
+        return hashlib.sha256(raw).hexdigest()
+
+    def path_for(self, key: str) -> Path | None:
+        return self.directory / "features" / f"{key}.safetensors" if self.directory else None
+
+    def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self._memory:
+            self.hits += 1
+            return self._memory[key]
+        path = self.path_for(key)
+        if path is not None and path.exists():
+            try:
+                z = load_file(str(path))["z"]
+                self.hits += 1
+                self._memory[key] = z
+                return z
+            except Exception:  # a corrupt cache entry is recomputed, never trusted
+                path.unlink(missing_ok=True)
+        self.misses += 1
+        z = compute()
+        self._memory[key] = z
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(fd)
+            save_file({"z": z.contiguous()}, tmp)
+            os.replace(tmp, path)  # atomic: concurrent workers never read half a file
+        return z
+
+    def features(
+        self,
+        encoder,
+        dataset,
+        split: str,
+        *,
+        device: torch.device | str = "cpu",
+        batch_size: int = 512,
+        amp: bool = False,
+        progress: Callable[[float], None] | None = None,
+    ) -> torch.Tensor:
+        x = {"train": dataset.x_train, "test": dataset.x_test}[split]
+        key = self.key(encoder.fingerprint(), dataset.content_hash, split)
+        return self.get_or_compute(
+            key,
+            lambda: extract_features(
+                encoder, x, batch_size=batch_size, device=device, amp=amp, progress=progress
+            ),
+        )

@@ -1,0 +1,190 @@
+"""The linear head on frozen features: training recipe, accuracy and closed forms.
+
+Every quantity here works on cached features Z (N, d) and labels y (N,).
+The head is omega = (W in R^{K x d}, b in R^K) with softmax cross-entropy.
+
+Closed forms (ATTACKS.md, "Closed forms for a softmax linear head"):
+
+* summed gradients: R = P - onehot(y); grad_W = R^T Z; grad_b = 1^T R;
+* Gradient Canceling residual for poisoned features Z_p at the target head:
+  A = G_W + R_p^T Z_p, a = G_b + 1^T R_p, loss = 1/2 ||A||^2 (+ 1/2 ||a||^2);
+  d loss / d Z_p = R_p A + V W with U = Z_p A^T + 1 a^T, V = P*U - P*rowsum(P*U);
+* head Hessian-vector product with z~ = [z; 1]: S = Z~ V^T,
+  T = P*S - P*rowsum(P*S), HV = T^T Z~.
+
+None of these builds an autograd graph: no double backprop anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attacks.catalogue import HeadRecipe
+
+
+@dataclass(frozen=True)
+class Head:
+    """A linear head. W: (K, d), b: (K,)."""
+
+    W: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return self.W.shape[0]
+
+    def logits(self, Z: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b, Z, self.W.T)
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([self.W.reshape(-1), self.b])
+
+    @staticmethod
+    def from_flat(v: torch.Tensor, K: int, d: int) -> "Head":
+        return Head(v[: K * d].reshape(K, d).clone(), v[K * d :].clone())
+
+    def to(self, device: torch.device | str) -> "Head":
+        return Head(self.W.to(device), self.b.to(device))
+
+
+def accuracy(head: Head, Z: torch.Tensor, y: torch.Tensor, chunk: int = 65_536) -> float:
+    correct = 0
+    for i in range(0, Z.shape[0], chunk):
+        correct += (head.logits(Z[i : i + chunk]).argmax(1) == y[i : i + chunk]).sum().item()
+    return correct / max(Z.shape[0], 1)
+
+
+def mean_loss(head: Head, Z: torch.Tensor, y: torch.Tensor) -> float:
+    return F.cross_entropy(head.logits(Z), y).item()
+
+
+def residuals(head: Head, Z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """P = softmax(WZ + b) and R = P - onehot(y), both (N, K)."""
+    P = torch.softmax(head.logits(Z), dim=1)
+    R = P.clone()
+    R[torch.arange(Z.shape[0], device=Z.device), y] -= 1.0
+    return P, R
+
+
+def summed_gradient(head: Head, Z: torch.Tensor, y: torch.Tensor, chunk: int = 65_536) -> Head:
+    """Summed (not mean) cross-entropy gradient over a set, as a Head-shaped pair (G_W, G_b)."""
+    GW = torch.zeros_like(head.W)
+    Gb = torch.zeros_like(head.b)
+    for i in range(0, Z.shape[0], chunk):
+        _, R = residuals(head, Z[i : i + chunk], y[i : i + chunk])
+        GW += R.T @ Z[i : i + chunk]
+        Gb += R.sum(0)
+    return Head(GW, Gb)
+
+
+def gc_loss_and_grad(
+    head: Head, G: Head, Zp: torch.Tensor, yp: torch.Tensor, cancel_bias: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient Canceling objective and its closed-form gradient in the poisoned features.
+
+    head: target omega_hat. G: summed clean gradient at omega_hat (constant).
+    Zp: (n, d) poisoned features; yp: (n,) their labels.
+    Returns (loss scalar, dloss/dZp (n, d)).
+    """
+    P, R = residuals(head, Zp, yp)
+    A = G.W + R.T @ Zp  # (K, d)
+    loss = 0.5 * (A * A).sum()
+    if cancel_bias:
+        a = G.b + R.sum(0)
+        loss = loss + 0.5 * (a * a).sum()
+        U = Zp @ A.T + a  # (n, K)
+    else:
+        U = Zp @ A.T
+    PU = P * U
+    V = PU - P * PU.sum(1, keepdim=True)
+    grad = R @ A + V @ head.W
+    return loss, grad
+
+
+def gc_residual(head: Head, G: Head, Zp: torch.Tensor, yp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual (A, a) = G + sum of the poisons' head gradients."""
+    _, R = residuals(head, Zp, yp)
+    return G.W + R.T @ Zp, G.b + R.sum(0)
+
+
+def hvp(head: Head, Z: torch.Tensor, V: Head, weights: float = 1.0) -> Head:
+    """Hessian of the summed CE over (Z, any labels) w.r.t. (W, b), times V. Labels do not enter."""
+    P = torch.softmax(head.logits(Z), dim=1)
+    S = Z @ V.W.T + V.b  # (N, K)
+    PS = P * S
+    T = PS - P * PS.sum(1, keepdim=True)
+    return Head(weights * (T.T @ Z), weights * T.sum(0))
+
+
+def _init_head(K: int, d: int, device, dtype) -> Head:
+    return Head(torch.zeros(K, d, device=device, dtype=dtype), torch.zeros(K, device=device, dtype=dtype))
+
+
+def train_head(
+    Z: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    recipe: HeadRecipe | None = None,
+    seed: int = 0,
+) -> Head:
+    """Train the linear head with the one recipe used everywhere (clean head and every evaluation).
+
+    lbfgs (default): zero init, full-batch L-BFGS with strong-Wolfe line search on
+    the mean cross-entropy for ``recipe.epochs`` iterations. Deterministic, and the
+    line search keeps it stable on poisoned features of any scale, so the head lands
+    at the minimiser of the (convex) poisoned loss, which is what GC aims for.
+
+    sgd: the reference protocol (plim): zero init, mini-batch SGD on mean CE with a
+    shuffle drawn from ``seed``; ``recipe.epochs`` epochs.
+
+    Non-finite losses raise FloatingPointError: never a silent NaN head.
+    """
+    recipe = recipe or HeadRecipe()
+    Z = Z.float()
+    K, d = num_classes, Z.shape[1]
+    W = torch.zeros(K, d, device=Z.device, requires_grad=True)
+    b = torch.zeros(K, device=Z.device, requires_grad=True)
+    wd = recipe.weight_decay
+
+    def objective(Zb, yb):
+        loss = F.cross_entropy(torch.addmm(b, Zb, W.T), yb)
+        if wd:
+            loss = loss + 0.5 * wd * (W * W).sum()
+        return loss
+
+    if recipe.optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(
+            [W, b],
+            lr=1.0,
+            max_iter=recipe.epochs,
+            history_size=20,
+            tolerance_grad=1e-9,
+            tolerance_change=1e-12,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure():
+            opt.zero_grad(set_to_none=False)
+            loss = objective(Z, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.SGD([W, b], lr=recipe.lr, momentum=recipe.momentum)
+        n = Z.shape[0]
+        for _ in range(recipe.epochs):
+            perm = torch.randperm(n, generator=gen).to(Z.device)
+            for i in range(0, n, recipe.batch_size):
+                idx = perm[i : i + recipe.batch_size]
+                opt.zero_grad(set_to_none=False)
+                objective(Z[idx], y[idx]).backward()
+                opt.step()
+    head = Head(W.detach(), b.detach())
+    if not (torch.isfinite(head.W).all() and torch.isfinite(head.b).all()):
+        raise FloatingPointError("linear head training diverged (non-finite weights)")
+    return head

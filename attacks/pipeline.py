@@ -1,0 +1,298 @@
+"""The pipeline every job shares: features, clean head, attack, evaluation.
+
+1. f(train), f(test) from the feature cache (one encoder pass each, ever).
+2. The clean head, trained with the one recipe (:func:`attacks.head.train_head`).
+3. The attack (resolved from the catalogue), given an :class:`AttackContext`.
+4. Evaluation: retrain the head from the same seed on f(mu) + f(nu) -- only
+   f(nu) is new, one encoder pass over the poisons -- and report clean accuracy,
+   poisoned accuracy and the drop on the test set, with poison statistics.
+
+``run_job`` validates every parameter before any work starts and never returns
+a NaN: non-finite values raise :class:`attacks.errors.AttackDiverged`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks.catalogue import HeadRecipe, JobOptions, validate_job
+from attacks.errors import AttackDiverged, InvalidJob
+from attacks.features import FeatureCache, extract_features, resolve_device
+from attacks.head import Head, accuracy, train_head
+from attacks.progress import Cancelled, ProgressFn
+from attacks.registry import resolve
+
+__all__ = [
+    "AttackContext",
+    "AttackOutput",
+    "AttackDiverged",
+    "Cancelled",
+    "InvalidJob",
+    "JobResult",
+    "PoisonSet",
+    "prepare",
+    "run_job",
+]
+
+
+@dataclass(frozen=True)
+class PoisonSet:
+    """x: (n, C, H, W) float32 poisons; y: (n,) int64 labels; base_index: (n,) int64
+    index of each poison's clean base image in the training set."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    base_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def save_npz(self, path: str | Path) -> Path:
+        path = Path(path)
+        with open(path, "wb") as fh:
+            fh.write(self.to_npz_bytes())
+        return path
+
+    def to_npz_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            x=self.x.detach().cpu().float().numpy(),
+            y=self.y.detach().cpu().long().numpy(),
+            base_index=self.base_index.detach().cpu().long().numpy(),
+        )
+        return buf.getvalue()
+
+    @staticmethod
+    def load_npz(path: str | Path) -> "PoisonSet":
+        with np.load(path, allow_pickle=False) as z:
+            return PoisonSet(
+                torch.from_numpy(z["x"]), torch.from_numpy(z["y"]), torch.from_numpy(z["base_index"])
+            )
+
+
+@dataclass
+class AttackContext:
+    """What an attack may read. Nothing in it is to be modified."""
+
+    encoder: torch.nn.Module
+    dataset: Any
+    Z_train: torch.Tensor
+    y_train: torch.Tensor
+    Z_test: torch.Tensor
+    y_test: torch.Tensor
+    clean_head: Head
+    recipe: HeadRecipe
+    device: torch.device
+    amp: bool = False
+    seed: int = 0
+
+
+@dataclass
+class AttackOutput:
+    """What an attack returns. Exactly one of (poisons, poison_features) for a
+    poisoning attack; neither for a parameter attack (GradPC)."""
+
+    target: Head | None = None
+    poisons: torch.Tensor | None = None
+    poison_features: torch.Tensor | None = None
+    poison_labels: torch.Tensor | None = None
+    base_index: torch.Tensor | None = None
+    zeta: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    metrics: dict
+    poisons: PoisonSet | None
+
+
+def prepare(
+    encoder,
+    dataset,
+    *,
+    recipe: HeadRecipe | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    amp: bool = False,
+    cache: FeatureCache | None = None,
+    progress: ProgressFn | None = None,
+    timings: dict | None = None,
+) -> AttackContext:
+    """Stages shared by every attack: frozen encoder on device, cached features, clean head."""
+    from attacks.encoders import freeze
+
+    report = progress or (lambda s, f: None)
+    timings = timings if timings is not None else {}
+    dev = resolve_device(device)
+    encoder = freeze(encoder).to(dev)
+    cache = cache or FeatureCache()
+    t0 = time.perf_counter()
+    Z_train = cache.features(encoder, dataset, "train", device=dev, amp=amp, progress=lambda f: report("features", f / 2))
+    Z_test = cache.features(encoder, dataset, "test", device=dev, amp=amp, progress=lambda f: report("features", 0.5 + f / 2))
+    report("features", 1.0)
+    timings["features"] = time.perf_counter() - t0
+    recipe = recipe or HeadRecipe()
+    t0 = time.perf_counter()
+    y_train, y_test = dataset.y_train.long(), dataset.y_test.long()
+    head = train_head(Z_train, y_train, dataset.num_classes, recipe, seed)
+    timings["clean_head"] = time.perf_counter() - t0
+    report("clean_head", 1.0)
+    return AttackContext(encoder, dataset, Z_train, y_train, Z_test, y_test, head, recipe, dev, amp, seed)
+
+
+def poison_statistics(
+    poisons: torch.Tensor | None, base: torch.Tensor | None, fnu: torch.Tensor | None, zeta: torch.Tensor | None, lo: float, hi: float
+) -> dict:
+    """Per-set summaries of L_inf, L2, distance to base, fraction outside [0, 1], ||f(nu) - zeta||^2."""
+
+    def summary(v: torch.Tensor) -> dict:
+        v = v.double()
+        return {
+            "mean": v.mean().item(),
+            "median": v.median().item(),
+            "max": v.max().item(),
+        }
+
+    stats: dict[str, Any] = {}
+    if poisons is not None and poisons.shape[0] > 0:
+        flat = poisons.reshape(poisons.shape[0], -1).float()
+        stats["linf"] = summary(flat.abs().amax(1))
+        stats["l2"] = summary(flat.norm(dim=1))
+        stats["fraction_outside_unit_range"] = ((flat < 0) | (flat > 1)).double().mean().item()
+        stats["fraction_outside_clean_range"] = ((flat < lo) | (flat > hi)).double().mean().item()
+        stats["clean_range"] = [lo, hi]
+        if base is not None:
+            delta = flat - base.reshape(base.shape[0], -1).float()
+            stats["linf_to_base"] = summary(delta.abs().amax(1))
+            stats["l2_to_base"] = summary(delta.norm(dim=1))
+    if fnu is not None and zeta is not None and fnu.shape[0] > 0:
+        stats["feature_match_error"] = summary(((fnu - zeta) ** 2).sum(1))
+    if zeta is not None and zeta.shape[0] > 0:
+        stats["zeta_norm"] = summary(zeta.norm(dim=1))
+    return stats
+
+
+def _finite(obj: Any, where: str = "result") -> None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise AttackDiverged(f"non-finite value in {where}")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite(v, f"{where}.{k}")
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            _finite(v, where)
+
+
+def run_job(
+    *,
+    encoder,
+    dataset,
+    attack: str,
+    epsilon: float = 0.03,
+    beta: float | None = None,
+    params: dict | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    head: dict | None = None,
+    amp: bool = False,
+    cache_dir: str | Path | None = None,
+    cache: FeatureCache | None = None,
+    progress: ProgressFn | None = None,
+) -> JobResult:
+    """Run one audit job end to end. Raises before any work on invalid parameters
+    (catalogue.UnknownAttackError, pydantic.ValidationError, ValueError)."""
+    opts, attack_params = validate_job(attack, epsilon, beta, params, seed, device, head)
+    torch.manual_seed(opts.seed)
+    report = progress or (lambda s, f: None)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    cache = cache or FeatureCache(cache_dir)
+    ctx = prepare(
+        encoder, dataset, recipe=opts.head, seed=opts.seed, device=opts.device, amp=amp,
+        cache=cache, progress=report, timings=timings,
+    )
+    clean_acc = accuracy(ctx.clean_head, ctx.Z_test, ctx.y_test)
+
+    t0 = time.perf_counter()
+    out: AttackOutput = resolve(opts.attack)(
+        ctx, attack_params, epsilon=opts.epsilon, beta=opts.beta, seed=opts.seed, progress=report
+    )
+    timings["attack"] = time.perf_counter() - t0
+
+    metrics = _evaluate(ctx, out, opts, timings, report)
+    metrics.update(
+        attack=opts.attack,
+        epsilon=opts.epsilon,
+        beta=opts.beta,
+        seed=opts.seed,
+        params=attack_params.model_dump(),
+        head_recipe=opts.head.model_dump(),
+        clean_accuracy=clean_acc,
+        drop=clean_acc - metrics["poisoned_accuracy"],
+        device=str(ctx.device),
+        device_name=torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+        n_train=int(ctx.Z_train.shape[0]),
+        n_test=int(ctx.Z_test.shape[0]),
+        feature_dim=int(ctx.Z_train.shape[1]),
+        encoder_fingerprint=encoder.fingerprint(),
+        dataset=getattr(dataset, "name", None),
+        dataset_hash=getattr(dataset, "content_hash", None),
+        feature_cache={"hits": cache.hits, "misses": cache.misses},
+    )
+    timings["total"] = time.perf_counter() - t_start
+    metrics["stage_seconds"] = timings
+    _finite(metrics)
+    poisons = None
+    if out.poisons is not None:
+        poisons = PoisonSet(out.poisons.float(), out.poison_labels.long(), out.base_index.long())
+    return JobResult(metrics=metrics, poisons=poisons)
+
+
+def _evaluate(ctx: AttackContext, out: AttackOutput, opts: JobOptions, timings: dict, report) -> dict:
+    x = ctx.dataset.x_train
+    lo, hi = float(x.min()), float(x.max())
+    metrics: dict[str, Any] = dict(out.extra)
+    if out.target is not None:
+        metrics["target_accuracy"] = accuracy(out.target, ctx.Z_test, ctx.y_test)
+    t0 = time.perf_counter()
+    fnu = None
+    if out.poisons is not None:
+        if not torch.isfinite(out.poisons).all():
+            raise AttackDiverged("the attack returned non-finite poisons")
+        Zp = (
+            extract_features(ctx.encoder, out.poisons, device=ctx.device, amp=ctx.amp)
+            if out.poisons.shape[0]
+            else ctx.Z_train[:0]
+        )
+        fnu = Zp
+    elif out.poison_features is not None:
+        Zp = out.poison_features
+    else:
+        Zp = None
+    if Zp is None:  # a parameter attack: the target head is the attacked model
+        metrics["poisoned_accuracy"] = metrics["target_accuracy"]
+        metrics["n_poisons"] = 0
+    else:
+        if not torch.isfinite(Zp).all():
+            raise AttackDiverged("the poisoned features are non-finite")
+        Zmix = torch.cat([ctx.Z_train, Zp.float()])
+        ymix = torch.cat([ctx.y_train, out.poison_labels.long()])
+        poisoned_head = train_head(Zmix, ymix, ctx.dataset.num_classes, ctx.recipe, opts.seed)
+        metrics["poisoned_accuracy"] = accuracy(poisoned_head, ctx.Z_test, ctx.y_test)
+        metrics["poisoned_train_accuracy"] = accuracy(poisoned_head, ctx.Z_train, ctx.y_train)
+        metrics["n_poisons"] = int(Zp.shape[0])
+    base = x[out.base_index] if (out.base_index is not None and out.poisons is not None) else None
+    metrics["poison_stats"] = poison_statistics(out.poisons, base, fnu, out.zeta, lo, hi)
+    timings["evaluation"] = time.perf_counter() - t0
+    report("evaluation", 1.0)
+    return metrics
