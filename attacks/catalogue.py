@@ -27,6 +27,12 @@ __all__ = [
     "ValidationError",
 ]
 
+# Names shared with attacks.data / attacks.encoders (checked equal by tests), kept
+# here so that the API and the CLI can validate them without importing torch.
+BUILTIN_DATASETS: tuple[str, ...] = ("digits", "mnist5k")
+DATASET_KINDS: tuple[str, ...] = BUILTIN_DATASETS + ("cifar10", "cifar100", "npz", "imagefolder")
+ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50", "vit_b_16")
+
 PAPER = (
     "Lu, Yang, Kamath, Yu. Exploring the Limits of Model-Targeted Indiscriminate "
     "Data Poisoning Attacks on Pre-trained Feature Extractors. SaTML 2024."
