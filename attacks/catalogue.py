@@ -83,11 +83,11 @@ class GCFeatureParams(GradPCParams):
 
     gc_steps: int = Field(2000, ge=1, le=100_000, description="Gradient-descent steps on zeta (paper: 2000).")
     gc_lr: float = Field(
-        0.05,
+        0.1,
         gt=0,
         le=100,
-        description="Step size for zeta, relative: the step actually taken is gc_lr / L where L is "
-        "a power-iteration estimate of the residual's curvature, so it transfers across encoders.",
+        description="Relative step size for zeta: a first step moves a poison by about gc_lr times the "
+        "mean clean feature norm (cosine-decayed), so it transfers across encoders and feature scales.",
     )
     cancel_bias: bool = Field(False, description="Also cancel the bias gradient (plim cancels only W).")
     stop_loss: float = Field(1.0, ge=0, description="Stop when 1/2||residual||^2 falls below this (paper: 1).")

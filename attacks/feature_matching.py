@@ -172,7 +172,7 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
                 stop_loss=params.stop_loss,
                 pull_to=fz if params.pull else None,
                 pull_weight=params.gamma if params.pull else 0.0,
-                seed=seed + k,
+                feature_scale=ctx.Z_train.norm(dim=1).mean().item(),
             )
         nu = match_features(
             ctx.encoder,

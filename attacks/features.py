@@ -40,7 +40,7 @@ def autocast_for(device: torch.device, enabled: bool):
     return nullcontext()
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def extract_features(
     encoder: torch.nn.Module,
     x: torch.Tensor,

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny real encoders and data for fast tests, and one SimCLR
+encoder pre-trained once per session for the paper-claim tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def digits_small():
+    from attacks.data import load_dataset
+
+    return load_dataset("digits", max_train=300, max_test=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    """A small_cnn with random weights: real code path, seconds to run."""
+    from attacks.encoders import EncoderSpec, build_encoder, freeze
+
+    torch.manual_seed(0)
+    return freeze(build_encoder(EncoderSpec(arch="small_cnn", in_channels=1, width=8)))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tiny_encoder, tmp_path_factory) -> Path:
+    from attacks.encoders import save_encoder
+
+    d = tmp_path_factory.mktemp("tiny_encoder")
+    save_encoder(tiny_encoder, d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    from attacks.data import load_dataset
+
+    return load_dataset("mnist5k")
+
+
+@pytest.fixture(scope="session")
+def simclr_mnist(mnist5k, tmp_path_factory):
+    """The project's own SimCLR small_cnn on mnist5k (seed 0), pre-trained once per session."""
+    from attacks.encoders import EncoderSpec, save_encoder
+    from attacks.pretrain import SimCLRConfig, pretrain_simclr
+
+    enc = pretrain_simclr(EncoderSpec(arch="small_cnn", in_channels=1), mnist5k.x_train, SimCLRConfig(seed=0, device="cpu"))
+    d = tmp_path_factory.mktemp("simclr_mnist")
+    save_encoder(enc, d)
+    return enc

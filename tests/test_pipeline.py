@@ -1,0 +1,175 @@
+"""The engine end to end on a tiny real encoder and real data (fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attacks.catalogue import CATALOGUE
+from attacks.errors import AttackDiverged
+from attacks.features import FeatureCache
+from attacks.pipeline import PoisonSet, run_job
+from attacks.progress import Cancelled
+
+TINY = {
+    "gradpc": {},
+    "gc_feature": {"gc_steps": 30},
+    "feature_matching": {"gc_steps": 30, "fm_steps": 4, "batch_size": 16},
+    "feature_matching_r": {"gc_steps": 30, "fm_steps": 4, "batch_size": 16},
+}
+
+
+def test_every_catalogue_attack_has_a_tiny_config():
+    assert set(TINY) == set(CATALOGUE)
+
+
+@pytest.mark.parametrize("attack", sorted(CATALOGUE))
+def test_contract(attack, tiny_encoder, digits_small, tmp_path):
+    """Every attack runs, returns the declared shapes and statistics, and keeps its constraints."""
+    eps = 0.05
+    stages = []
+    r = run_job(
+        encoder=tiny_encoder, dataset=digits_small, attack=attack, epsilon=eps, params=TINY[attack],
+        device="cpu", progress=lambda s, f: stages.append((s, f)),
+    )
+    m = r.metrics
+    n_expected = round(eps * digits_small.n_train)
+    for key in ("clean_accuracy", "poisoned_accuracy", "drop", "n_poisons", "stage_seconds", "poison_stats"):
+        assert key in m
+    assert 0 <= m["poisoned_accuracy"] <= 1 and 0 <= m["clean_accuracy"] <= 1
+    assert m["drop"] == pytest.approx(m["clean_accuracy"] - m["poisoned_accuracy"])
+    assert all(0.0 <= f <= 1.0 for _, f in stages)
+    assert {"features", "clean_head"} <= {s for s, _ in stages}
+    info = CATALOGUE[attack]
+    if info.stage == "parameters":
+        assert r.poisons is None and m["n_poisons"] == 0
+        assert m["poisoned_accuracy"] == m["target_accuracy"]
+    elif info.stage == "features":
+        assert r.poisons is None and m["n_poisons"] == n_expected
+        assert m["poison_stats"]["zeta_norm"]["max"] > 0
+    else:
+        p = r.poisons
+        assert p is not None
+        if attack == "feature_matching":
+            assert len(p) == n_expected
+        else:
+            assert len(p) == n_expected - m["anomalies_removed"]
+            lo, hi = m["poison_stats"].get("clean_range", [0.0, 1.0]) if len(p) else (0.0, 1.0)
+            assert p.x.numel() == 0 or (p.x.min() >= lo and p.x.max() <= hi)
+        assert p.x.shape[1:] == digits_small.x_train.shape[1:] and p.x.dtype == torch.float32
+        assert p.y.dtype == torch.int64 and p.base_index.dtype == torch.int64
+        # clean-label: each poison carries the label of its base image
+        assert torch.equal(p.y, digits_small.y_train[p.base_index])
+        path = p.save_npz(tmp_path / "poisoned.npz")
+        with np.load(path, allow_pickle=False) as z:
+            assert z["x"].dtype == np.float32 and z["x"].shape == tuple(p.x.shape)
+            assert (z["y"] == p.y.numpy()).all()
+        assert torch.equal(PoisonSet.load_npz(path).x, p.x)
+        if len(p):
+            assert m["poison_stats"]["feature_match_error"]["mean"] >= 0
+
+
+def test_same_run_twice_gives_the_same_numbers(tiny_encoder, digits_small):
+    kw = dict(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=0.05,
+              params=TINY["feature_matching"], device="cpu", seed=3)
+    a, b = run_job(**kw), run_job(**kw)
+    for key in ("clean_accuracy", "poisoned_accuracy", "target_accuracy", "gc_loss_final"):
+        assert a.metrics[key] == b.metrics[key]
+    assert torch.equal(a.poisons.x, b.poisons.x)
+
+
+def test_inputs_are_not_modified(tiny_encoder, digits_small):
+    before = digits_small.x_train.clone()
+    w_before = {k: v.clone() for k, v in tiny_encoder.state_dict().items()}
+    run_job(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=0.05,
+            params=TINY["feature_matching"], device="cpu")
+    assert torch.equal(digits_small.x_train, before)
+    for k, v in tiny_encoder.state_dict().items():
+        assert torch.equal(v, w_before[k]), k
+
+
+def test_feature_cache_is_reused_across_jobs(tiny_encoder, digits_small, tmp_path):
+    kw = dict(encoder=tiny_encoder, dataset=digits_small, attack="gradpc", device="cpu", cache_dir=tmp_path)
+    first = run_job(**kw).metrics["feature_cache"]
+    second = run_job(**kw).metrics["feature_cache"]  # a new in-memory cache: reads the disk cache
+    assert first == {"hits": 0, "misses": 2}
+    assert second == {"hits": 2, "misses": 0}
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2
+    shared = FeatureCache()
+    run_job(cache=shared, **{k: v for k, v in kw.items() if k != "cache_dir"})
+    run_job(cache=shared, **{k: v for k, v in kw.items() if k != "cache_dir"})
+    assert (shared.hits, shared.misses) == (2, 2)
+
+
+def test_cancellation_stops_the_attack(tiny_encoder, digits_small):
+    seen = []
+
+    def cancel_in_gc(stage, fraction):
+        seen.append(stage)
+        if stage == "gc_feature":
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        run_job(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=0.05,
+                params={"gc_steps": 500, "fm_steps": 500}, device="cpu", progress=cancel_in_gc)
+    assert "feature_matching" not in seen
+
+
+def test_feature_matching_divergence_is_an_error_not_a_nan(tiny_encoder, digits_small):
+    from attacks.feature_matching import match_features
+
+    base = digits_small.x_train[:8]
+    with torch.no_grad():
+        zeta = tiny_encoder(base) + 1e4
+    with pytest.raises(AttackDiverged, match="lower fm_lr"):
+        match_features(tiny_encoder, base, zeta, beta=0.0, gamma=1e8, steps=30, lr=100.0)
+
+
+def test_gradient_canceling_never_returns_non_finite_features():
+    from attacks.gc_feature import gradient_canceling
+    from attacks.head import Head, summed_gradient
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(50, 6, generator=g)
+    y = torch.arange(50) % 3
+    head = Head(torch.randn(3, 6, generator=g), torch.zeros(3))
+    G = summed_gradient(head, Z, y)
+    Z0 = Z[:5].clone()
+    Z0[0, 0] = float("inf")
+    with pytest.raises(AttackDiverged):
+        gradient_canceling(head, G, Z0, y[:5], steps=20, lr=0.5)
+
+
+def test_gradient_canceling_reduces_the_residual():
+    from attacks.gc_feature import gradient_canceling
+    from attacks.gradpc import gradpc_target
+    from attacks.head import summed_gradient, train_head
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 6, generator=g) * 3
+    y = torch.arange(300) % 3
+    Z = centers[y] + torch.randn(300, 6, generator=g)
+    clean = train_head(Z, y, 3)
+    target = gradpc_target(clean, Z, y, eps_w=2.0)
+    G = summed_gradient(target, Z, y)
+    zeta, info = gradient_canceling(target, G, Z[:30], y[:30], steps=300, lr=0.5, stop_loss=0.0)
+    assert info["gc_loss_final"] < 0.1 * info["gc_loss_initial"]
+    assert torch.isfinite(zeta).all()
+
+
+def test_unique_pairing_gives_distinct_bases(tiny_encoder, digits_small):
+    r = run_job(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=0.2,
+                params={**TINY["feature_matching"], "pairing": "nearest_unique"}, device="cpu")
+    idx = r.poisons.base_index
+    assert len(set(idx.tolist())) == len(idx)
+
+
+def test_invalid_parameters_fail_before_any_work(tiny_encoder, digits_small):
+    from pydantic import ValidationError
+
+    calls = []
+    with pytest.raises(ValidationError):
+        run_job(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=1.5,
+                device="cpu", progress=lambda s, f: calls.append(s))
+    assert calls == []
