@@ -50,7 +50,7 @@ def simclr_mnist(mnist5k, tmp_path_factory):
     from attacks.encoders import EncoderSpec, save_encoder
     from attacks.pretrain import SimCLRConfig, pretrain_simclr
 
-    enc = pretrain_simclr(EncoderSpec(arch="small_cnn", in_channels=1), mnist5k.x_train, SimCLRConfig(seed=0, device="cpu"))
+    enc = pretrain_simclr(EncoderSpec(arch="small_cnn", in_channels=1), mnist5k.x_train, SimCLRConfig(epochs=1, batch_size=128, seed=0, device="cpu"))
     d = tmp_path_factory.mktemp("simclr_mnist")
     save_encoder(enc, d)
     return enc
