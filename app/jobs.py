@@ -1,0 +1,206 @@
+"""Job services shared by the routes: submission (with idempotency), views, cancellation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import uuid
+from datetime import datetime
+
+from pydantic import ValidationError
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from attacks.catalogue import UnknownAttackError, get_attack, validate_job
+from app import datasets
+from app.db import utcnow
+from app.models import FINISHED, Artifact, Encoder, EncoderStatus, Job, JobKind, JobStatus, Team
+from app.problems import Problem, invalid, unavailable, validation_problem
+from app.queue import JobQueue, queue_for_device
+from app.schemas import ArtifactPublic, JobCreate, JobPublic, ProgressPublic
+from app.settings import Settings
+
+log = logging.getLogger("app.jobs")
+
+
+def artifact_public(a: Artifact) -> ArtifactPublic:
+    return ArtifactPublic(name=a.name, content_type=a.content_type, size=a.size, sha256=a.sha256,
+                          created_at=a.created_at, url=f"/v1/jobs/{a.job_id}/artifacts/{a.name}")
+
+
+def job_public(job: Job, artifacts: list[Artifact]) -> JobPublic:
+    return JobPublic(
+        id=job.id, kind=job.kind, status=job.status, attack=job.attack, encoder=job.encoder_id, dataset=job.dataset,
+        epsilon=job.epsilon, beta=job.beta, params=job.params or {}, seed=job.seed, device=job.device, head=job.head,
+        queue=job.queue,
+        progress=ProgressPublic(stage=job.progress_stage, fraction=job.progress_fraction, updated_at=job.progress_updated_at),
+        cancel_requested=job.cancel_requested, attempts=job.attempts, max_attempts=job.max_attempts, worker=job.worker,
+        device_used=job.device_used, heartbeat_at=job.heartbeat_at, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at, duration_s=job.duration_s, metrics=job.metrics, error=job.error,
+        artifacts=[artifact_public(a) for a in artifacts],
+    )
+
+
+def artifacts_of(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Artifact]]:
+    out: dict[uuid.UUID, list[Artifact]] = {i: [] for i in job_ids}
+    if job_ids:
+        for a in session.scalars(select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.name)):
+            out[a.job_id].append(a)
+    return out
+
+
+def view(session: Session, job: Job) -> JobPublic:
+    return job_public(job, artifacts_of(session, [job.id])[job.id])
+
+
+def _request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def validate_attack_request(body: JobCreate) -> tuple[float | None, dict]:
+    """Validates with the engine's models, reporting the shared options' and the attack's
+    own parameters' errors together; returns (beta with its default, params as given)."""
+    try:
+        info = get_attack(body.attack)
+    except UnknownAttackError as exc:
+        raise invalid("attack", str(exc), valid=exc.valid) from None
+    errors: list[dict] = []
+    try:
+        info.params_model(**body.params)
+    except ValidationError as exc:
+        errors += [{**e, "loc": ("params", *e["loc"])} for e in exc.errors()]
+    try:
+        opts, _ = validate_job(body.attack, body.epsilon, body.beta, {}, body.seed, body.device, body.head)
+    except ValidationError as exc:
+        errors = list(exc.errors()) + errors
+    except ValueError as exc:  # e.g. beta given to an attack that takes none
+        errors.insert(0, {"loc": ("beta",), "msg": str(exc)})
+    if errors:
+        raise validation_problem(errors)
+    return opts.beta, body.params
+
+
+def check_encoder_usable(session: Session, team: Team, encoder_id: uuid.UUID) -> Encoder:
+    enc = session.scalar(select(Encoder).where(Encoder.id == encoder_id, Encoder.team_id == team.id))
+    if enc is None:
+        raise invalid("encoder", f"no encoder {encoder_id} in your team")
+    if enc.status != EncoderStatus.ready:
+        detail = f"encoder {encoder_id} is {enc.status}" + (f": {enc.error}" if enc.error else "")
+        raise Problem(409, detail, errors=[{"field": "encoder", "message": detail}])
+    return enc
+
+
+def resolve_dataset(session: Session, team: Team, settings: Settings, ref: str) -> datasets.ResolvedDataset:
+    try:
+        return datasets.resolve(ref, team, session, settings)
+    except datasets.DatasetRefError as exc:
+        raise invalid("dataset", str(exc)) from None
+
+
+def submit(session: Session, queue: JobQueue, job: Job) -> Job:
+    """Commits the job, then enqueues it by name; if the broker is down the job is
+    removed again and the client gets 503 (so a retry with the same key starts afresh)."""
+    session.add(job)
+    session.commit()
+    try:
+        queue.enqueue_job(job.id, job.kind, job.queue)
+    except Exception as exc:
+        log.warning("could not enqueue job %s: %s", job.id, exc)
+        session.delete(job)
+        session.commit()
+        raise unavailable() from exc
+    return job
+
+
+def create_attack_job(session: Session, queue: JobQueue, team: Team, settings: Settings, body: JobCreate,
+                      idempotency_key: str | None) -> tuple[Job, bool]:
+    """Returns (job, created). A retried submission with the same key returns the same job."""
+    req_hash = _request_hash(body)
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            return _replay(existing, req_hash), False
+    beta, params = validate_attack_request(body)
+    check_encoder_usable(session, team, body.encoder)
+    ds = resolve_dataset(session, team, settings, body.dataset)
+    job = Job(
+        team_id=team.id, kind=JobKind.attack, status=JobStatus.queued, attack=body.attack, encoder_id=body.encoder,
+        dataset=ds.ref, dataset_id=ds.row.id if ds.row is not None else None, epsilon=body.epsilon, beta=beta,
+        params=params, seed=body.seed, device=body.device, head=body.head, queue=queue_for_device(body.device, settings),
+        idempotency_key=idempotency_key, request_hash=req_hash, max_attempts=settings.max_attempts,
+        created_at=utcnow(),
+    )
+    try:
+        return submit(session, queue, job), True
+    except IntegrityError:  # a concurrent retry with the same key won the race
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        return _replay(existing, req_hash), False
+
+
+def _replay(job: Job, req_hash: str) -> Job:
+    if job.request_hash != req_hash:
+        raise Problem(422, "this Idempotency-Key was already used with a different request",
+                      title="Idempotency-Key reused", errors=[{"field": "Idempotency-Key", "message": "reused with a different body"}])
+    return job
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """Queued: cancelled at once (the task skips it). Running: flagged; the worker stops
+    at its next check and marks it cancelled. Finished: 409."""
+    if job.status in FINISHED:
+        raise Problem(409, f"job {job.id} already {job.status}")
+    now = utcnow()
+    if job.status == JobStatus.queued:
+        job.status = JobStatus.cancelled
+        job.finished_at = now
+        job.error = "cancelled before it started"
+    job.cancel_requested = True
+    session.commit()
+    if job.kind == JobKind.pretrain and job.status == JobStatus.cancelled and job.encoder_id:
+        enc = session.get(Encoder, job.encoder_id)
+        if enc is not None and enc.status == EncoderStatus.pending:
+            enc.status, enc.error = EncoderStatus.failed, "pre-training cancelled"
+            session.commit()
+    return job
+
+
+# ------------------------------------------------------------------ listing with a cursor
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, ident = raw.split("|")
+        return datetime.fromisoformat(ts), uuid.UUID(ident)
+    except Exception:
+        raise invalid("cursor", "not a cursor returned by this API") from None
+
+
+def list_jobs(session: Session, team: Team, *, status: str | None, attack: str | None, encoder: uuid.UUID | None,
+              kind: str | None, limit: int, cursor: str | None) -> tuple[list[Job], int, str | None]:
+    conds = [Job.team_id == team.id]
+    if status:
+        conds.append(Job.status == status)
+    if attack:
+        conds.append(Job.attack == attack)
+    if encoder:
+        conds.append(Job.encoder_id == encoder)
+    if kind:
+        conds.append(Job.kind == kind)
+    count = session.scalar(select(func.count()).select_from(Job).where(*conds)) or 0
+    q = select(Job).where(*conds)
+    if cursor:
+        ts, ident = _decode_cursor(cursor)
+        q = q.where(or_(Job.created_at < ts, and_(Job.created_at == ts, Job.id < ident)))
+    rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], count, next_cursor

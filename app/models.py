@@ -1,0 +1,172 @@
+"""SQLAlchemy 2.0 models: singular snake_case tables, ``*_at`` timestamps, a naming convention.
+
+Kept apart from the pydantic schemas in :mod:`app.schemas`. Every tenant-owned row
+carries ``team_id``; ownership is checked once, in :mod:`app.deps`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, Uuid
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from app.db import UTCDateTime, utcnow
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), uuid.UUID: Uuid()}
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class JobKind(StrEnum):
+    attack = "attack"
+    pretrain = "pretrain"
+
+
+class EncoderStatus(StrEnum):
+    validating = "validating"  # uploaded, a worker checks the keys against the architecture
+    pending = "pending"  # being pre-trained by a job
+    ready = "ready"
+    failed = "failed"
+
+
+class Team(Base):
+    __tablename__ = "team"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key, stored as the sha256 of its secret; ``prefix`` finds the row."""
+
+    __tablename__ = "api_key"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class Encoder(Base):
+    __tablename__ = "encoder"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    architecture: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]]
+    source: Mapped[str] = mapped_column(String(16))  # upload | pretrain
+    status: Mapped[str] = mapped_column(String(16), default=EncoderStatus.validating)
+    error: Mapped[str | None] = mapped_column(Text)
+    weights_key: Mapped[str | None] = mapped_column(String(400))
+    weights_format: Mapped[str | None] = mapped_column(String(32))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    job_id: Mapped[uuid.UUID | None]  # the pre-training job (no FK: job references encoder)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Dataset(Base):
+    """An uploaded npz. Built-in and server-side datasets are not rows (see app.datasets)."""
+
+    __tablename__ = "dataset"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(400))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    summary: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "job"
+    __table_args__ = (
+        UniqueConstraint("team_id", "idempotency_key"),
+        Index("ix_job_team_id_created_at", "team_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.attack)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued, index=True)
+    attack: Mapped[str | None] = mapped_column(String(64), index=True)
+    encoder_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("encoder.id", ondelete="SET NULL"), index=True)
+    dataset: Mapped[str] = mapped_column(String(200))  # built-in name, server root name, or uploaded dataset id
+    dataset_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("dataset.id", ondelete="SET NULL"))
+    epsilon: Mapped[float | None] = mapped_column(Float)
+    beta: Mapped[float | None] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    device: Mapped[str] = mapped_column(String(8), default="auto")
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    head: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    queue: Mapped[str] = mapped_column(String(16))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+
+    progress_stage: Mapped[str | None] = mapped_column(String(64))
+    progress_fraction: Mapped[float | None] = mapped_column(Float)
+    progress_updated_at: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    device_used: Mapped[str | None] = mapped_column(String(32))
+    heartbeat_at: Mapped[datetime | None]
+
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    duration_s: Mapped[float | None] = mapped_column(Float)
+
+
+class Artifact(Base):
+    """A file in the object store. Keys are generated by the service, never from user file names."""
+
+    __tablename__ = "artifact"
+    __table_args__ = (UniqueConstraint("job_id", "name"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    content_type: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(400))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,108 @@
+"""A job never stays ``running`` forever: a running job whose heartbeat is older than
+``heartbeat_timeout_s`` lost its worker. It is re-queued while attempts remain, and
+failed with the reason otherwise. Every transition is a conditional UPDATE, so
+several API replicas (or workers) may reap concurrently without double work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.models import Encoder, EncoderStatus, Job, JobKind, JobStatus
+from app.queue import JobQueue
+from app.settings import Settings
+
+log = logging.getLogger("app.reaper")
+
+
+def _lost(session: Session, job: Job, reason: str, queue: JobQueue, requeue_allowed: bool = True) -> str | None:
+    now = utcnow()
+    base = update(Job).where(Job.id == job.id, Job.status == JobStatus.running, Job.attempts == job.attempts)
+    if job.cancel_requested:
+        values, action = dict(status=JobStatus.cancelled, error=f"cancelled ({reason})", finished_at=now), "cancelled"
+    elif requeue_allowed and job.attempts < job.max_attempts:
+        values = dict(status=JobStatus.queued, worker=None, heartbeat_at=None,
+                      error=f"{reason}; re-queued (attempt {job.attempts + 1} of {job.max_attempts})")
+        action = "requeued"
+    else:
+        values = dict(status=JobStatus.failed, finished_at=now,
+                      error=f"{reason}; gave up after {job.attempts} attempt(s)")
+        action = "failed"
+    if "finished_at" in values and job.started_at is not None:
+        values["duration_s"] = (now - job.started_at).total_seconds()
+    if session.execute(base.values(**values)).rowcount != 1:
+        session.rollback()
+        return None
+    if action != "requeued" and job.kind == JobKind.pretrain and job.encoder_id:
+        session.execute(update(Encoder).where(Encoder.id == job.encoder_id, Encoder.status == EncoderStatus.pending)
+                        .values(status=EncoderStatus.failed, error=values["error"], updated_at=now))
+    session.commit()
+    if action == "requeued":
+        try:
+            queue.enqueue_job(job.id, job.kind, job.queue)
+        except Exception as exc:  # broker down: leave it queued; a later pass will not see it, so say so
+            log.error("job %s re-queued in the database but the broker refused it: %s", job.id, exc)
+            session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.queued).values(
+                status=JobStatus.running, heartbeat_at=None, worker="(re-queue pending)"))
+            session.commit()
+            return None
+    log.warning("job %s: %s -> %s", job.id, reason, action)
+    return action
+
+
+def reap_stale_jobs(session: Session, queue: JobQueue, settings: Settings) -> dict[str, str]:
+    """One pass; returns {job id: action}."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.heartbeat_timeout_s)
+    stale = list(session.scalars(select(Job).where(
+        Job.status == JobStatus.running,
+        or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None) & ((Job.started_at < cutoff) | Job.started_at.is_(None))),
+    )))
+    session.rollback()
+    out = {}
+    for job in stale:
+        last = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
+        reason = f"worker {job.worker or '?'} lost: no heartbeat for over {settings.heartbeat_timeout_s:g}s (last {last})"
+        action = _lost(session, job, reason, queue)
+        if action:
+            out[str(job.id)] = action
+    return out
+
+
+def reap_worker_orphans(session: Session, queue: JobQueue, hostname: str) -> dict[str, str]:
+    """At worker start: jobs still 'running' under this worker's name belong to a previous,
+    dead incarnation of it; they are handled at once instead of after the timeout."""
+    rows = list(session.scalars(select(Job).where(Job.status == JobStatus.running, Job.worker.like(f"{hostname}:%"))))
+    session.rollback()
+    out = {}
+    for job in rows:
+        action = _lost(session, job, f"worker {job.worker} restarted while the job ran", queue)
+        if action:
+            out[str(job.id)] = action
+    return out
+
+
+class Reaper(threading.Thread):
+    """Runs :func:`reap_stale_jobs` every ``reaper_interval_s`` in a daemon thread."""
+
+    def __init__(self, settings: Settings, queue_getter, session_factory):
+        super().__init__(name="poisonaudit-reaper", daemon=True)
+        self.settings, self.queue_getter, self.session_factory = settings, queue_getter, session_factory
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.reaper_interval_s):
+            try:
+                with self.session_factory() as session:
+                    reap_stale_jobs(session, self.queue_getter(), self.settings)
+            except Exception as exc:  # keep reaping after a database hiccup
+                log.warning("reaper pass failed: %s", exc)
+
+    def stop(self) -> None:
+        self.stopped.set()

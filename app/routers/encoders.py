@@ -1,0 +1,194 @@
+"""Encoders: upload a checkpoint (multipart), or pre-train one with SimCLR (JSON; a job)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from sqlalchemy import select
+from starlette.datastructures import UploadFile
+
+from attacks.catalogue import ARCHITECTURES
+from app import jobs as job_service
+from app.checkpoints import CheckpointError, inspect_checkpoint
+from app.db import new_session, utcnow
+from app.deps import EncoderDep, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from app.models import Encoder, EncoderStatus, Job, JobKind, JobStatus
+from app.problems import Problem, invalid, unavailable, validation_problem
+from app.queue import queue_for_device
+from app.schemas import EncoderCreated, EncoderPublic, EncodersPublic, PretrainCreate
+from app.storage import encoder_key
+
+router = APIRouter(prefix="/v1/encoders", tags=["encoders"])
+
+_UPLOAD_SCHEMA = {
+    "type": "object",
+    "required": ["file", "architecture"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "safetensors, or a torch.save'd state dict"},
+        "architecture": {"type": "string", "enum": list(ARCHITECTURES)},
+        "name": {"type": "string"},
+        "spec": {"type": "string", "description": "JSON object of further EncoderSpec fields (preprocessing...)"},
+    },
+}
+
+
+def encoder_public(e: Encoder) -> EncoderPublic:
+    return EncoderPublic(id=e.id, name=e.name, architecture=e.architecture, spec=e.spec, source=e.source,
+                         status=e.status, error=e.error, sha256=e.sha256, size=e.size, job_id=e.job_id,
+                         created_at=e.created_at, updated_at=e.updated_at)
+
+
+def _check_architecture(arch: Any) -> str:
+    if arch not in ARCHITECTURES:
+        raise invalid("architecture", f"unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}",
+                      valid=list(ARCHITECTURES))
+    return arch
+
+
+def _check_spec(extra: dict, arch: str) -> None:
+    """The spec's fields are checked by the engine on a worker (EncoderSpec needs torch); here only
+    its agreement with ``architecture``."""
+    if extra.get("arch", arch) != arch:
+        raise invalid("spec.arch", f"disagrees with architecture {arch!r}")
+
+
+@router.post(
+    "", status_code=202, response_model=EncoderCreated,
+    responses={201: {"model": EncoderCreated, "description": "Uploaded and checked"},
+               413: {"description": "Upload too large"}, 422: {"description": "Refused, with the reason"}},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": _UPLOAD_SCHEMA},
+        "application/json": {"schema": PretrainCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
+    }}},
+)
+async def create_encoder(request: Request, response: Response, session: SessionDep, team: TeamDep,
+                         queue: QueueDep, store: StoreDep, settings: SettingsDep) -> EncoderCreated:
+    """Upload a checkpoint (multipart) or pre-train an encoder with SimCLR (JSON, runs as a job)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=8, max_part_size=1 << 20)
+        try:
+            return await run_in_threadpool(_upload, form, response, session, team, queue, store, settings)
+        finally:
+            await form.close()
+    if ctype.startswith("application/json"):
+        try:
+            body = PretrainCreate.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise validation_problem(list(exc.errors())) from None
+        return await run_in_threadpool(_pretrain, body, response, session, team, queue, settings)
+    raise Problem(415, "send multipart/form-data (checkpoint upload) or application/json (pre-training request)",
+                  title="Unsupported Media Type")
+
+
+def _upload(form, response, session, team, queue, store, settings) -> EncoderCreated:
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise invalid("file", "a checkpoint file is required")
+    arch = _check_architecture(form.get("architecture"))
+    try:
+        extra = json.loads(form.get("spec") or "{}")
+    except json.JSONDecodeError as exc:
+        raise invalid("spec", f"not JSON: {exc}") from None
+    if not isinstance(extra, dict):
+        raise invalid("spec", "must be a JSON object")
+    _check_spec(extra, arch)
+    name = str(form.get("name") or "")[:200] or f"{arch} upload"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "checkpoint")
+        with open(path, "wb") as out:
+            upload.file.seek(0)
+            shutil.copyfileobj(upload.file, out, 1 << 20)
+        size = os.path.getsize(path)
+        if size > settings.max_encoder_bytes:
+            raise Problem(413, f"checkpoint of {size} bytes exceeds the limit of {settings.max_encoder_bytes}")
+        try:
+            info = inspect_checkpoint(path)
+        except CheckpointError as exc:
+            raise invalid("file", str(exc)) from None
+        enc = Encoder(team_id=team.id, name=name, architecture=arch, spec={**extra, "arch": arch},
+                      source="upload", status=EncoderStatus.validating, weights_format=info.format)
+        session.add(enc)
+        session.flush()
+        ext = "safetensors" if info.format == "safetensors" else "pt"
+        stored = store.put_file(encoder_key(team.id, enc.id, f"upload.{ext}"), path)
+    enc.weights_key, enc.sha256, enc.size = stored.key, stored.sha256, stored.size
+    session.commit()
+    try:
+        queue.check_encoder(enc.id)
+    except Exception as exc:
+        session.delete(enc)
+        session.commit()
+        store.delete(stored.key)
+        raise unavailable() from exc
+    enc = _wait_checked(enc.id, settings.encoder_check_wait_s) or enc
+    if enc.status == EncoderStatus.failed:
+        session.delete(session.merge(enc))
+        session.commit()
+        store.delete(stored.key)
+        raise invalid("file", enc.error or "the checkpoint does not fit the architecture")
+    response.headers["Location"] = f"/v1/encoders/{enc.id}"
+    response.status_code = 201 if enc.status == EncoderStatus.ready else 202
+    return EncoderCreated(encoder=encoder_public(enc))
+
+
+def _wait_checked(encoder_id: uuid.UUID, wait_s: float) -> Encoder | None:
+    """Waits a little for the worker's verdict, so that a bad checkpoint is refused in the same request."""
+    deadline = time.monotonic() + wait_s
+    enc = None
+    while True:
+        with new_session() as s:
+            enc = s.get(Encoder, encoder_id)
+            if enc is None or enc.status != EncoderStatus.validating:
+                return enc
+        if time.monotonic() >= deadline:
+            return enc
+        time.sleep(0.2)
+
+
+def _pretrain(body: PretrainCreate, response, session, team, queue, settings) -> EncoderCreated:
+    arch = _check_architecture(body.architecture)
+    _check_spec(body.spec, arch)
+    for k in ("seed", "device"):
+        if k in body.config:
+            raise invalid(f"config.{k}", f"set the request's top-level {k!r} instead")
+    ds = job_service.resolve_dataset(session, team, settings, body.dataset)
+    enc = Encoder(team_id=team.id, name=body.name, architecture=arch, spec={**body.spec, "arch": arch},
+                  source="pretrain", status=EncoderStatus.pending)
+    session.add(enc)
+    session.flush()
+    job = Job(team_id=team.id, kind=JobKind.pretrain, status=JobStatus.queued, encoder_id=enc.id, dataset=ds.ref,
+              dataset_id=ds.row.id if ds.row is not None else None, params=body.config, seed=body.seed,
+              device=body.device, queue=queue_for_device(body.device, settings), max_attempts=settings.max_attempts,
+              created_at=utcnow())
+    enc.job_id = job.id = uuid.uuid4()
+    try:
+        job_service.submit(session, queue, job)
+    except Problem:
+        session.delete(session.get(Encoder, enc.id))
+        session.commit()
+        raise
+    response.headers["Location"] = f"/v1/encoders/{enc.id}"
+    return EncoderCreated(encoder=encoder_public(enc), job=job_service.view(session, job))
+
+
+@router.get("", response_model=EncodersPublic)
+def list_encoders(session: SessionDep, team: TeamDep) -> EncodersPublic:
+    """Your encoders, newest first."""
+    rows = list(session.scalars(select(Encoder).where(Encoder.team_id == team.id).order_by(Encoder.created_at.desc())))
+    return EncodersPublic(data=[encoder_public(e) for e in rows], count=len(rows))
+
+
+@router.get("/{encoder_id}", response_model=EncoderPublic)
+def read_encoder(encoder: EncoderDep) -> EncoderPublic:
+    """One encoder, with its status (validating, pending, ready, failed) and the reason if it failed."""
+    return encoder_public(encoder)

@@ -1,0 +1,88 @@
+"""Audit jobs: submit, read, list, cancel, download artifacts."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy import select
+
+from app import jobs as service
+from app.deps import JobDep, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from app.downloads import download
+from app.models import Artifact
+from app.problems import Problem
+from app.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+POISONED_SET = "poisoned_set.npz"
+
+
+@router.post("", status_code=202, response_model=JobPublic)
+def create_job(
+    body: JobCreate, response: Response, session: SessionDep, team: TeamDep, queue: QueueDep, settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic:
+    """Submit an audit job; it is queued and runs on a worker."""
+    job, _ = service.create_attack_job(session, queue, team, settings, body, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return service.view(session, job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep, team: TeamDep,
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    attack: str | None = None,
+    encoder: uuid.UUID | None = None,
+    kind: Literal["attack", "pretrain"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> JobsPublic:
+    """List your jobs, newest first, with filters and cursor pagination."""
+    rows, count, next_cursor = service.list_jobs(session, team, status=status, attack=attack, encoder=encoder,
+                                                 kind=kind, limit=limit, cursor=cursor)
+    arts = service.artifacts_of(session, [j.id for j in rows])
+    return JobsPublic(data=[service.job_public(j, arts[j.id]) for j in rows], count=count, next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def read_job(job: JobDep, session: SessionDep) -> JobPublic:
+    """Status, progress, timestamps, metrics, error and artifacts of one job."""
+    return service.view(session, job)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
+def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
+    """Cancel a job: a queued one at once, a running one within seconds."""
+    return service.view(session, service.cancel(session, job))
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
+def list_artifacts(job: JobDep, session: SessionDep) -> ArtifactsPublic:
+    """The files a job produced (poisoned set, result JSON, log)."""
+    arts = service.artifacts_of(session, [job.id])[job.id]
+    return ArtifactsPublic(data=[service.artifact_public(a) for a in arts], count=len(arts))
+
+
+def _artifact(session, job, name: str) -> Artifact:
+    art = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if art is None:
+        raise Problem(404, f"job {job.id} has no artifact {name!r}" + ("" if job.status == "succeeded" else f" (job is {job.status})"))
+    return art
+
+
+@router.get("/{job_id}/artifacts/{name}", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "Presigned URL"}})
+def download_artifact(job: JobDep, name: str, session: SessionDep, store: StoreDep) -> Response:
+    """Download one artifact: streamed, or a redirect to a short-lived presigned URL."""
+    return download(store, _artifact(session, job, name))
+
+
+@router.get("/{job_id}/poisoned-set", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "Presigned URL"}})
+def download_poisoned_set(job: JobDep, session: SessionDep, store: StoreDep) -> Response:
+    """The poisoned set as npz (x float32 NCHW, y int64, base_index int64)."""
+    return download(store, _artifact(session, job, POISONED_SET))

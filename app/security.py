@@ -1,0 +1,63 @@
+"""API keys: ``pa_<prefix>_<secret>``, stored as sha256 (the secret has 256 bits of entropy,
+so a fast hash is the right one); ``prefix`` finds the row without scanning."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import ApiKey, Team
+
+KEY_PREFIX = "pa_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> tuple[str, str]:
+    """Returns (full key, lookup prefix)."""
+    prefix = secrets.token_hex(6)
+    return f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}", prefix
+
+
+def parse_prefix(key: str) -> str | None:
+    if not key.startswith(KEY_PREFIX):
+        return None
+    prefix, sep, secret = key[len(KEY_PREFIX):].partition("_")
+    return prefix if sep and secret and len(prefix) == 12 else None
+
+
+def create_team(session: Session, name: str) -> Team:
+    team = Team(name=name)
+    session.add(team)
+    session.flush()
+    return team
+
+
+def create_key(session: Session, team: Team, name: str = "") -> str:
+    """Adds a key to ``team`` and returns it: the only time the plaintext exists."""
+    key, prefix = generate_key()
+    session.add(ApiKey(team_id=team.id, name=name, prefix=prefix, key_hash=hash_key(key)))
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, key: str) -> Team | None:
+    prefix = parse_prefix(key)
+    if prefix is None:
+        return None
+    row = session.execute(
+        select(ApiKey, Team).join(Team, Team.id == ApiKey.team_id).where(ApiKey.prefix == prefix)
+    ).first()
+    if row is None:
+        hmac.compare_digest(hash_key(key), hash_key(key))  # same work either way
+        return None
+    api_key, team = row
+    if api_key.revoked_at is not None or not hmac.compare_digest(api_key.key_hash, hash_key(key)):
+        return None
+    return team

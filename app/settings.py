@@ -1,0 +1,112 @@
+"""Configuration shared by the API and the workers, read from ``POISONAUDIT_*`` environment variables.
+
+Read it through :func:`get_settings` (cached) so that tests can swap it; nothing
+is built at import time.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DatasetRoot(BaseModel):
+    """A server-side dataset registered by configuration (never by a client-supplied path)."""
+
+    loader: Literal["cifar10", "cifar100", "imagefolder", "npz"] = Field(description="The engine's reader for it.")
+    path: str = Field(description="Directory on the worker's file system.")
+    description: str = ""
+
+
+def _sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POISONAUDIT_", env_nested_delimiter="__", extra="ignore")
+
+    # Where the embedded default keeps everything (SQLite files, local object store, caches).
+    data_dir: Path = Path("var")
+
+    # Database, broker, result backend. Empty: the embedded, serverless defaults under data_dir.
+    database_url: str = ""
+    broker_url: str = ""
+    result_backend: str = ""
+    migrate_on_start: bool = True
+
+    # Object storage.
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None
+    s3_bucket: str = "poisonaudit"
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None  # for presigned URLs, when clients reach the store by another name
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_create_bucket: bool = False
+    presign_expires_s: int = Field(300, ge=1, le=7 * 24 * 3600)
+
+    # Upload limits (HTTP 413 beyond them).
+    max_encoder_bytes: int = Field(512 * 2**20, ge=1)
+    max_dataset_bytes: int = Field(1024 * 2**20, ge=1)
+
+    # Server-side dataset roots: {"cifar10": {"loader": "cifar10", "path": "/data/cifar10"}}.
+    dataset_roots: dict[str, DatasetRoot] = {}
+
+    # Jobs and workers.
+    auto_queue: Literal["gpu", "cpu"] = "gpu"
+    job_time_limit_s: int = Field(6 * 3600, ge=1)
+    job_soft_time_limit_s: int | None = None
+    visibility_timeout_s: int | None = None
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    heartbeat_timeout_s: float = Field(60.0, gt=0)
+    reaper_interval_s: float = Field(15.0, gt=0)
+    reaper_enabled: bool = True
+    max_attempts: int = Field(2, ge=1, le=20)
+    cache_dir: Path | None = None
+    cache_mirror: bool = True
+    encoder_check_wait_s: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        from attacks.catalogue import BUILTIN_DATASETS
+
+        clash = sorted(set(self.dataset_roots) & set(BUILTIN_DATASETS))
+        if clash:
+            raise ValueError(f"dataset_roots may not reuse built-in dataset names: {clash}")
+        d = self.data_dir
+        if not self.database_url:
+            self.database_url = _sqlite_url(d / "poisonaudit.sqlite")
+        if not self.broker_url:
+            self.broker_url = "sqla+" + _sqlite_url(d / "broker.sqlite")
+        if not self.result_backend:
+            self.result_backend = "db+" + _sqlite_url(d / "results.sqlite")
+        if self.storage_dir is None:
+            self.storage_dir = d / "objects"
+        if self.cache_dir is None:
+            self.cache_dir = d / "cache"
+        if self.job_soft_time_limit_s is None:
+            self.job_soft_time_limit_s = max(1, self.job_time_limit_s - 60)
+        if self.visibility_timeout_s is None:
+            # Longer than the longest job, so the broker never redelivers a running one.
+            self.visibility_timeout_s = self.job_time_limit_s + 3600
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when every backing service is a local file (no server to run)."""
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith("sqla+sqlite")
+
+    def ensure_dirs(self) -> None:
+        for p in (self.data_dir, self.storage_dir, self.cache_dir):
+            Path(p).mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

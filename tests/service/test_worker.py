@@ -1,0 +1,308 @@
+"""The worker glue, tasks called directly (no broker): the real engine on tiny data, a
+SQLite database and a local object store under tmp."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from app.db import dispose_engines, new_session, utcnow
+from app.models import Artifact, Dataset, Encoder, Job
+
+
+@pytest.fixture
+def env(configure, tiny_encoder_dir):
+    """A migrated SQLite database, a team, and a ready tiny encoder in the local store."""
+    from app.migrate import upgrade_schema
+    from app.security import create_team
+    from app.storage import encoder_key, get_store
+
+    s = configure(heartbeat_interval_s=0.1, heartbeat_timeout_s=30, max_attempts=2)
+    upgrade_schema(s.database_url)
+    store = get_store()
+    with new_session() as db:
+        team = create_team(db, "t")
+        enc = Encoder(team_id=team.id, name="tiny", architecture="small_cnn",
+                      spec={"arch": "small_cnn", "in_channels": 1, "width": 8}, source="upload",
+                      status="ready", sha256=uuid.uuid4().hex, size=1)
+        db.add(enc)
+        db.commit()
+    for name in ("encoder.safetensors", "encoder.json"):
+        store.put_file(encoder_key(team.id, enc.id, name), tiny_encoder_dir / name)
+    yield {"settings": s, "store": store, "team": team, "encoder": enc}
+    dispose_engines()
+
+
+def _job(env, **kw) -> uuid.UUID:
+    fields = dict(team_id=env["team"].id, kind="attack", status="queued", attack="feature_matching",
+                  encoder_id=env["encoder"].id, dataset="digits", epsilon=0.03, beta=0.25, seed=0, device="cpu",
+                  params={"gc_steps": 50, "fm_steps": 20, "rounds": 1}, head={"epochs": 30}, queue="cpu",
+                  max_attempts=2)
+    fields.update(kw)
+    with new_session() as db:
+        job = Job(**fields)
+        db.add(job)
+        db.commit()
+        return job.id
+
+
+def _get(job_id) -> Job:
+    with new_session() as db:
+        return db.get(Job, job_id)
+
+
+def _artifacts(job_id) -> dict[str, Artifact]:
+    with new_session() as db:
+        return {a.name: a for a in db.scalars(select(Artifact).where(Artifact.job_id == job_id))}
+
+
+def test_run_job_succeeds_and_stores_artifacts(env):
+    from worker.tasks import run_job
+
+    jid = _job(env)
+    assert run_job(str(jid)) == "succeeded"
+    job = _get(jid)
+    assert job.status == "succeeded" and job.error is None and job.attempts == 1
+    assert job.metrics["n_poisons"] > 0 and job.device_used == "cpu" and job.progress_fraction == 1.0
+    assert job.started_at <= job.finished_at and job.duration_s > 0
+    arts = _artifacts(jid)
+    assert set(arts) == {"poisoned_set.npz", "result.json", "log.txt"}
+    store = env["store"]
+    path = store.local_path(arts["poisoned_set.npz"].key)
+    with np.load(path) as z:
+        assert z["x"].shape == (job.metrics["n_poisons"], 1, 8, 8) and z["x"].dtype == np.float32
+        assert z["y"].dtype == np.int64 and z["base_index"].shape == z["y"].shape
+    assert b"stage" in path.with_name("log.txt").read_bytes()
+    from app.storage import file_digest
+
+    assert file_digest(path) == (arts["poisoned_set.npz"].sha256, arts["poisoned_set.npz"].size)
+    # a redelivered message is a no-op
+    assert run_job(str(jid)) == "skipped"
+    assert _get(jid).attempts == 1
+
+
+def test_features_are_cached_in_the_object_store_across_workers(env):
+    import shutil
+
+    from worker.tasks import run_job
+
+    first = _job(env)
+    run_job(str(first))
+    keys = [k for k, _ in env["store"].list("cache/features")]
+    assert len(keys) == 2  # f(train), f(test), by content hash
+    # the engine's other cached files (a pre-trained decoder, say) are shared the same way
+    engine_dir = env["settings"].cache_dir / "engine"
+    (engine_dir / "decoders").mkdir()
+    (engine_dir / "decoders" / "abc123.safetensors").write_bytes(b"decoder")
+    from worker.resources import push_engine_cache
+
+    push_engine_cache(env["store"], env["settings"], {p.relative_to(engine_dir).as_posix()
+                                                      for p in engine_dir.rglob("*") if "features" in p.parts})
+    assert env["store"].exists("cache/decoders/abc123.safetensors")
+    shutil.rmtree(env["settings"].cache_dir)  # another worker: empty local cache
+    second = _job(env, seed=1)
+    run_job(str(second))
+    assert _get(second).metrics["feature_cache"] == {"hits": 2, "misses": 0}
+    assert (engine_dir / "decoders" / "abc123.safetensors").read_bytes() == b"decoder"
+
+
+def test_engine_error_fails_the_job_with_its_message_and_keeps_the_log(env, monkeypatch):
+    from attacks.errors import AttackDiverged
+    from worker import steps
+    from worker.tasks import run_job
+
+    def diverge(run, encoder, dataset):
+        run.progress("attack", 0.5)
+        raise AttackDiverged("zeta became non-finite at step 7")
+
+    monkeypatch.setattr(steps, "run_engine", diverge)
+    jid = _job(env)
+    assert run_job(str(jid)) == "failed"
+    job = _get(jid)
+    assert job.status == "failed" and "AttackDiverged: zeta became non-finite at step 7" in job.error
+    assert set(_artifacts(jid)) == {"log.txt"}
+
+
+def test_bad_dataset_fails_with_the_reason(env):
+    from worker.tasks import run_job
+
+    jid = _job(env, dataset="not-a-dataset")
+    run_job(str(jid))
+    job = _get(jid)
+    assert job.status == "failed" and "not-a-dataset" in job.error
+
+
+def _cancel_when_running(jid, after=0.5):
+    def go():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            job = _get(jid)
+            if job.status == "running" and job.progress_stage not in (None, "starting", "loading"):
+                time.sleep(after)
+                with new_session() as db:
+                    db.get(Job, jid).cancel_requested = True
+                    db.commit()
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def test_cancel_flag_stops_a_running_attack_within_seconds(env):
+    from worker.tasks import run_job
+
+    jid = _job(env, params={"gc_steps": 100000, "stop_loss": 0, "fm_steps": 100000, "rounds": 1})
+    t = _cancel_when_running(jid)
+    t0 = time.monotonic()
+    assert run_job(str(jid)) == "cancelled"
+    t.join(5)
+    job = _get(jid)
+    assert job.status == "cancelled" and job.error == "cancelled on request"
+    assert time.monotonic() - t0 < 60 and job.progress_stage is not None
+
+
+def test_time_limit_fails_the_job(env, configure):
+    from worker.tasks import run_job
+
+    configure(job_time_limit_s=2)
+    jid = _job(env, params={"gc_steps": 100000, "stop_loss": 0, "rounds": 1})
+    run_job(str(jid))
+    job = _get(jid)
+    assert job.status == "failed" and "time limit" in job.error
+
+
+def test_a_run_that_lost_its_job_does_not_overwrite_it(env):
+    from worker.tasks import run_job
+
+    jid = _job(env, params={"gc_steps": 100000, "stop_loss": 0, "rounds": 1})
+
+    def take_over():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if _get(jid).progress_stage not in (None, "starting", "loading", "features", "clean_head"):
+                with new_session() as db:  # what the reaper does when it presumes the worker dead
+                    job = db.get(Job, jid)
+                    job.status, job.worker, job.error = "queued", None, "re-queued (test)"
+                    db.commit()
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=take_over, daemon=True)
+    t.start()
+    run_job(str(jid))
+    t.join(5)
+    job = _get(jid)
+    assert job.status == "queued" and job.error == "re-queued (test)"
+
+
+def test_check_encoder_accepts_fitting_weights_and_refuses_others_with_the_reason(env, tiny_encoder_dir):
+    from app.storage import encoder_key
+    from worker.tasks import check_encoder
+
+    store, team = env["store"], env["team"]
+    ids = {}
+    for label, spec in (("fits", {"in_channels": 1, "width": 8}), ("wrong", {"in_channels": 1, "width": 16})):
+        with new_session() as db:
+            enc = Encoder(team_id=team.id, name=label, architecture="small_cnn", spec={"arch": "small_cnn", **spec},
+                          source="upload", status="validating", weights_format="safetensors")
+            db.add(enc)
+            db.flush()
+            enc.weights_key = store.put_file(encoder_key(team.id, enc.id, "upload.safetensors"),
+                                             tiny_encoder_dir / "encoder.safetensors").key
+            db.commit()
+            ids[label] = enc.id
+    assert check_encoder(str(ids["fits"])) == "ready"
+    assert check_encoder(str(ids["wrong"])) == "failed"
+    with new_session() as db:
+        ok, bad = db.get(Encoder, ids["fits"]), db.get(Encoder, ids["wrong"])
+    assert ok.error is None and ok.spec["feature_dim"] == 16
+    assert store.exists(encoder_key(team.id, ok.id, "encoder.safetensors"))
+    assert bad.status == "failed" and "shape" in bad.error.lower()
+    assert check_encoder(str(ids["fits"])) == "skipped"
+
+
+def test_pretrain_task_produces_a_ready_encoder(env, digits_npz):
+    from app.storage import dataset_key, encoder_key
+    from worker.tasks import pretrain_encoder
+
+    store, team = env["store"], env["team"]
+    with new_session() as db:
+        ds = Dataset(team_id=team.id, name="d", key="", sha256="", size=0, summary={})
+        db.add(ds)
+        db.flush()
+        st = store.put_file(dataset_key(team.id, ds.id), digits_npz)
+        ds.key, ds.sha256, ds.size = st.key, st.sha256, st.size
+        enc = Encoder(team_id=team.id, name="p", architecture="small_cnn",
+                      spec={"arch": "small_cnn", "in_channels": 1, "width": 4}, source="pretrain", status="pending")
+        db.add(enc)
+        db.commit()
+    jid = _job(env, kind="pretrain", attack=None, encoder_id=enc.id, dataset=str(ds.id), dataset_id=ds.id,
+               epsilon=None, beta=None, params={"epochs": 1, "batch_size": 64})
+    assert pretrain_encoder(str(jid)) == "succeeded"
+    job = _get(jid)
+    with new_session() as db:
+        enc = db.get(Encoder, enc.id)
+    assert enc.status == "ready" and enc.sha256 and job.metrics["fingerprint"]
+    assert store.exists(encoder_key(team.id, enc.id, "encoder.json"))
+    # and it can be attacked with
+    from worker.tasks import run_job
+
+    assert run_job(str(_job(env, encoder_id=enc.id))) == "succeeded"
+
+
+def test_pretrain_with_bad_config_fails_the_job_and_the_encoder(env):
+    from worker.tasks import pretrain_encoder
+
+    with new_session() as db:
+        enc = Encoder(team_id=env["team"].id, name="p", architecture="small_cnn", spec={"arch": "small_cnn"},
+                      source="pretrain", status="pending")
+        db.add(enc)
+        db.commit()
+    jid = _job(env, kind="pretrain", attack=None, encoder_id=enc.id, params={"epochs": 0})
+    pretrain_encoder(str(jid))
+    with new_session() as db:
+        enc = db.get(Encoder, enc.id)
+    assert _get(jid).status == "failed" and "epochs" in _get(jid).error
+    assert enc.status == "failed" and "epochs" in enc.error
+
+
+# ------------------------------------------------------------------ the reaper
+class _Q:
+    def __init__(self):
+        self.sent = []
+
+    def enqueue_job(self, job_id, kind, queue):
+        self.sent.append(str(job_id))
+
+
+def test_reaper_requeues_then_fails_with_the_reason(env, configure):
+    from datetime import timedelta
+
+    from app.reaper import reap_stale_jobs, reap_worker_orphans
+
+    s = configure(heartbeat_timeout_s=5)
+    old = utcnow() - timedelta(seconds=60)
+    fresh = _job(env, status="running", attempts=1, heartbeat_at=utcnow(), started_at=old, worker="w@h:1")
+    retry = _job(env, status="running", attempts=1, heartbeat_at=old, started_at=old, worker="w@h:2")
+    spent = _job(env, status="running", attempts=2, heartbeat_at=old, started_at=old, worker="w@h:3")
+    cancelled = _job(env, status="running", attempts=1, heartbeat_at=old, started_at=old, worker="w@h:4",
+                     cancel_requested=True)
+    q = _Q()
+    with new_session() as db:
+        out = reap_stale_jobs(db, q, s)
+    assert out == {str(retry): "requeued", str(spent): "failed", str(cancelled): "cancelled"}
+    assert q.sent == [str(retry)]
+    assert _get(fresh).status == "running"
+    assert _get(retry).status == "queued" and "lost" in _get(retry).error and "attempt 2 of 2" in _get(retry).error
+    assert _get(spent).status == "failed" and "no heartbeat" in _get(spent).error and "2 attempt" in _get(spent).error
+    assert _get(cancelled).status == "cancelled"
+    with new_session() as db:
+        assert reap_stale_jobs(db, q, s) == {}
+        assert reap_worker_orphans(db, q, "w@h") == {str(fresh): "requeued"}

@@ -1,0 +1,1 @@
+"""Celery workers: thin tasks that load a row, call ``attacks``, store results."""
