@@ -212,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:  # the service's commands (no torch); absent in an engine-only install
         from app.cli import add_subcommands
-    except ImportError:
-        pass
+    except ModuleNotFoundError as e:
+        if e.name not in {"app", "fastapi", "sqlalchemy", "celery", "alembic", "uvicorn"}:
+            raise  # a real bug in app.cli must not silently drop `serve`
     else:
         add_subcommands(sub)
     return p
