@@ -104,8 +104,13 @@ class FeatureMatchingParams(GCFeatureParams):
     round_gc_steps: int = Field(
         300, ge=0, le=100_000, description="GC steps on zeta in rounds after the first (Algorithm 1 line 6)."
     )
-    pull: bool = Field(
-        True, description="In rounds after the first, pull zeta toward f(nu) (Algorithm 1 line 7, optional)."
+    pull: float = Field(
+        1.0,
+        ge=0,
+        le=1e3,
+        description="Strength of the pull of zeta toward f(nu) in rounds after the first (Algorithm 1 "
+        "line 7, optional): each GC step then does zeta <- (zeta + rho f(nu)) / (1 + rho) with "
+        "rho = pull * gamma * gc_lr * cosine(t). 0 turns it off.",
     )
     fm_lr: float = Field(0.1, gt=0, le=100, description="Step size eta (paper: 0.1, cosine schedule).")
     gamma: float = Field(1.0, gt=0, le=1e6, description="Weight of the feature-matching term (paper: 1).")

@@ -4,6 +4,3 @@
 class AttackDiverged(RuntimeError):
     """The optimisation produced non-finite values even after backing off its step."""
 
-
-class InvalidJob(ValueError):
-    """A job's inputs do not fit together (for example an encoder and a dataset)."""

@@ -9,7 +9,7 @@ Parameters (:class:`attacks.catalogue.FeatureMatchingParams`, plus GC's and Grad
     fm_steps (2000, >= 1): steps t per round; fm_lr (0.1): eta, cosine-decayed per round.
     rounds (1, >= 1): outer rounds k. Rounds after the first first run
         round_gc_steps GC steps on zeta (labels now those of the base images),
-        with Algorithm 1's optional pull of zeta toward f(nu) when ``pull``.
+        with Algorithm 1's optional pull of zeta toward f(nu), of strength ``pull``.
     normalize_features (True): the matching term is measured in units of the mean
         clean feature norm s, i.e. gamma/2 ||(f(nu) - zeta)/s||^2, so that eta
         transfers across encoders [D]; False is the paper's raw form.
@@ -33,7 +33,7 @@ import math
 import torch
 
 from attacks.catalogue import FeatureMatchingParams
-from attacks.features import autocast_for
+from attacks.features import autocast_for, extract_features
 from attacks.errors import AttackDiverged
 from attacks.gc_feature import gradient_canceling, poisoned_features
 from attacks.progress import ProgressFn
@@ -138,13 +138,6 @@ def match_features(
     return out
 
 
-@torch.no_grad()
-def _features(encoder, x: torch.Tensor, device, batch_size: int, amp: bool) -> torch.Tensor:
-    from attacks.features import extract_features
-
-    return extract_features(encoder, x, batch_size=batch_size, device=device, amp=amp)
-
-
 def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta: float, seed: int, progress=None):
     """Stages 1-3; returns (AttackOutput fields as a dict)."""
     report = progress or (lambda s, f: None)
@@ -160,7 +153,7 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
     nu = mu
     for k in range(params.rounds):
         if k > 0 and params.round_gc_steps > 0:
-            fz = _features(ctx.encoder, nu, ctx.device, params.batch_size, ctx.amp)
+            fz = extract_features(ctx.encoder, nu, batch_size=params.batch_size, device=ctx.device, amp=ctx.amp)
             zeta, _ = gradient_canceling(
                 target,
                 G,
@@ -170,8 +163,8 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
                 lr=params.gc_lr,
                 cancel_bias=params.cancel_bias,
                 stop_loss=params.stop_loss,
-                pull_to=fz if params.pull else None,
-                pull_weight=params.gamma if params.pull else 0.0,
+                pull_to=fz if params.pull > 0 else None,
+                pull_weight=params.pull * params.gamma,
                 feature_scale=ctx.Z_train.norm(dim=1).mean().item(),
             )
         nu = match_features(

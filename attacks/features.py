@@ -120,13 +120,14 @@ class FeatureCache:
         dataset,
         split: str,
         *,
+        fingerprint: str | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 512,
         amp: bool = False,
         progress: Callable[[float], None] | None = None,
     ) -> torch.Tensor:
         x = {"train": dataset.x_train, "test": dataset.x_test}[split]
-        key = self.key(encoder.fingerprint(), dataset.content_hash, split)
+        key = self.key(fingerprint or encoder.fingerprint(), dataset.content_hash, split)
         return self.get_or_compute(
             key,
             lambda: extract_features(

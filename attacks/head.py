@@ -57,10 +57,6 @@ def accuracy(head: Head, Z: torch.Tensor, y: torch.Tensor, chunk: int = 65_536) 
     return correct / max(Z.shape[0], 1)
 
 
-def mean_loss(head: Head, Z: torch.Tensor, y: torch.Tensor) -> float:
-    return F.cross_entropy(head.logits(Z), y).item()
-
-
 def residuals(head: Head, Z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """P = softmax(WZ + b) and R = P - onehot(y), both (N, K)."""
     P = torch.softmax(head.logits(Z), dim=1)
@@ -104,10 +100,21 @@ def gc_loss_and_grad(
     return loss, grad
 
 
-def gc_residual(head: Head, G: Head, Zp: torch.Tensor, yp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual (A, a) = G + sum of the poisons' head gradients."""
-    _, R = residuals(head, Zp, yp)
-    return G.W + R.T @ Zp, G.b + R.sum(0)
+def gc_loss_and_grad_autograd(
+    head: Head, G: Head, Zp: torch.Tensor, yp: torch.Tensor, cancel_bias: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference formulation (plim): head gradients with ``create_graph=True`` and a
+    second backward pass. Only for verification and benchmarks; use gc_loss_and_grad."""
+    W = head.W.detach().requires_grad_(True)
+    b = head.b.detach().requires_grad_(True)
+    Zp = Zp.detach().requires_grad_(True)
+    loss = F.cross_entropy(torch.addmm(b, Zp, W.T), yp, reduction="sum")
+    gW, gb = torch.autograd.grad(loss, (W, b), create_graph=True)
+    obj = 0.5 * ((G.W + gW) ** 2).sum()
+    if cancel_bias:
+        obj = obj + 0.5 * ((G.b + gb) ** 2).sum()
+    (dz,) = torch.autograd.grad(obj, Zp)
+    return obj.detach(), dz
 
 
 def hvp(head: Head, Z: torch.Tensor, V: Head, weights: float = 1.0) -> Head:
@@ -117,10 +124,6 @@ def hvp(head: Head, Z: torch.Tensor, V: Head, weights: float = 1.0) -> Head:
     PS = P * S
     T = PS - P * PS.sum(1, keepdim=True)
     return Head(weights * (T.T @ Z), weights * T.sum(0))
-
-
-def _init_head(K: int, d: int, device, dtype) -> Head:
-    return Head(torch.zeros(K, d, device=device, dtype=dtype), torch.zeros(K, device=device, dtype=dtype))
 
 
 def train_head(

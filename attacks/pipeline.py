@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from attacks.catalogue import HeadRecipe, JobOptions, validate_job
-from attacks.errors import AttackDiverged, InvalidJob
+from attacks.errors import AttackDiverged
 from attacks.features import FeatureCache, extract_features, resolve_device
 from attacks.head import Head, accuracy, train_head
 from attacks.progress import Cancelled, ProgressFn
@@ -35,7 +35,6 @@ __all__ = [
     "AttackOutput",
     "AttackDiverged",
     "Cancelled",
-    "InvalidJob",
     "JobResult",
     "PoisonSet",
     "prepare",
@@ -94,6 +93,7 @@ class AttackContext:
     device: torch.device
     amp: bool = False
     seed: int = 0
+    encoder_fingerprint: str = ""
 
 
 @dataclass
@@ -137,8 +137,11 @@ def prepare(
     encoder = freeze(encoder).to(dev)
     cache = cache or FeatureCache()
     t0 = time.perf_counter()
-    Z_train = cache.features(encoder, dataset, "train", device=dev, amp=amp, progress=lambda f: report("features", f / 2))
-    Z_test = cache.features(encoder, dataset, "test", device=dev, amp=amp, progress=lambda f: report("features", 0.5 + f / 2))
+    fp = encoder.fingerprint()  # hashes every weight: once per job
+    Z_train = cache.features(encoder, dataset, "train", fingerprint=fp, device=dev, amp=amp,
+                             progress=lambda f: report("features", f / 2))
+    Z_test = cache.features(encoder, dataset, "test", fingerprint=fp, device=dev, amp=amp,
+                            progress=lambda f: report("features", 0.5 + f / 2))
     report("features", 1.0)
     timings["features"] = time.perf_counter() - t0
     recipe = recipe or HeadRecipe()
@@ -147,7 +150,7 @@ def prepare(
     head = train_head(Z_train, y_train, dataset.num_classes, recipe, seed)
     timings["clean_head"] = time.perf_counter() - t0
     report("clean_head", 1.0)
-    return AttackContext(encoder, dataset, Z_train, y_train, Z_test, y_test, head, recipe, dev, amp, seed)
+    return AttackContext(encoder, dataset, Z_train, y_train, Z_test, y_test, head, recipe, dev, amp, seed, fp)
 
 
 def poison_statistics(
@@ -244,7 +247,7 @@ def run_job(
         n_train=int(ctx.Z_train.shape[0]),
         n_test=int(ctx.Z_test.shape[0]),
         feature_dim=int(ctx.Z_train.shape[1]),
-        encoder_fingerprint=encoder.fingerprint(),
+        encoder_fingerprint=ctx.encoder_fingerprint,
         dataset=getattr(dataset, "name", None),
         dataset_hash=getattr(dataset, "content_hash", None),
         feature_cache={"hits": cache.hits, "misses": cache.misses},

@@ -9,21 +9,9 @@ take the same number of steps; the gradients are checked to agree.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from attacks.head import Head, gc_loss_and_grad, summed_gradient
+from attacks.head import Head, gc_loss_and_grad, gc_loss_and_grad_autograd, summed_gradient
 from bench.common import device_name, table, timeit, write
-
-
-def autograd_step(head: Head, G: Head, Zp: torch.Tensor, yp: torch.Tensor):
-    W = head.W.detach().requires_grad_(True)
-    b = head.b.detach().requires_grad_(True)
-    Zp = Zp.detach().requires_grad_(True)
-    loss = F.cross_entropy(Zp @ W.T + b, yp, reduction="sum")
-    gW, _ = torch.autograd.grad(loss, (W, b), create_graph=True)
-    obj = 0.5 * ((G.W + gW) ** 2).sum()
-    (dz,) = torch.autograd.grad(obj, Zp)
-    return obj.detach(), dz
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
@@ -41,7 +29,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         Zp, yp = Z[:n].clone() * 2, y[:n]
         steps = 20
         _, g_cf = gc_loss_and_grad(head, G, Zp, yp)
-        _, g_ag = autograd_step(head, G, Zp, yp)
+        _, g_ag = gc_loss_and_grad_autograd(head, G, Zp, yp)
         rel = ((g_cf - g_ag).norm() / g_ag.norm()).item()
 
         def closed():
@@ -50,7 +38,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
         def autograd():
             for _ in range(steps):
-                autograd_step(head, G, Zp, yp)
+                gc_loss_and_grad_autograd(head, G, Zp, yp)
 
         t_cf = timeit(closed, device=dev)
         t_ag = timeit(autograd, device=dev)
