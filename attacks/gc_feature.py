@@ -81,6 +81,12 @@ def gradient_canceling(
     scale = feature_scale if feature_scale is not None else Z.norm(dim=1).mean().item()
     residual = math.sqrt(2 * max(loss0.item(), 1e-30))
     base = lr * scale / residual
+    pulling = pull_to is not None and pull_weight > 0
+    # With the pull the GC loss may rise on purpose (toward f(nu)'s loss): that is not divergence,
+    # and the result is the last iterate, not the one with the lowest GC loss.
+    ref = loss0.item()
+    if pulling:
+        ref = max(ref, gc_loss_and_grad(target64, G64, pull_to, y, cancel_bias)[0].item())
     best_loss, best_Z = loss0.item(), Z.clone()
     halvings, done = 0, 0
     loss = loss0
@@ -90,7 +96,7 @@ def gradient_canceling(
         eta = base * 0.5 * (1 + math.cos(math.pi * t / steps))
         loss, grad = gc_loss_and_grad(target64, G64, Z, y, cancel_bias)
         lv = loss.item()
-        if not math.isfinite(lv) or lv > 10 * max(best_loss, loss0.item()):
+        if not math.isfinite(lv) or lv > 10 * max(best_loss, ref):
             halvings += 1
             if halvings > 12:
                 raise AttackDiverged(
@@ -104,7 +110,7 @@ def gradient_canceling(
         if lv < stop_loss:
             break
         Z = Z - eta * grad
-        if pull_to is not None and pull_weight > 0:
+        if pulling:
             # proximal pull toward f(nu), in the same relative units as the step
             rho = pull_weight * lr * 0.5 * (1 + math.cos(math.pi * t / steps))
             Z = (Z + rho * pull_to) / (1 + rho)
@@ -112,7 +118,7 @@ def gradient_canceling(
     if progress:
         progress(1.0)
     final, _ = gc_loss_and_grad(target64, G64, Z, y, cancel_bias)
-    if math.isfinite(final.item()) and final.item() <= best_loss:
+    if math.isfinite(final.item()) and (pulling or final.item() <= best_loss):
         best_loss, best_Z = final.item(), Z
     if not torch.isfinite(best_Z).all():
         raise AttackDiverged("Gradient Canceling produced non-finite features")

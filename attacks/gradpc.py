@@ -6,6 +6,11 @@ TobiasLee/ParamCorruption, run for one step.
 
 Parameters (:class:`attacks.catalogue.GradPCParams`):
     eps_w (float, 1.0, > 0): L2 length of the step on (W, b) jointly.
+    corrupt ("joint" | "weights", "joint"): which parameters the step moves.
+    refit_bias (bool, False): re-fit b on the clean set after the step [D]. The
+        step's damage can sit mostly in the bias, which bounded poisons cannot
+        reproduce (each adds at most sqrt(2) to the bias gradient), so GC then
+        cannot reach the target; with W-only steps and a re-fitted bias it can.
     target_accuracy (float | None): if set, eps_w is the smallest step (found by
         bisection on the *training* set, so no test label is used) whose head has
         a training accuracy at most this value.
@@ -23,29 +28,40 @@ from __future__ import annotations
 import torch
 
 from attacks.catalogue import GradPCParams
-from attacks.head import Head, accuracy, summed_gradient
+from attacks.head import Head, accuracy, refit_bias, summed_gradient
 
 
-def gradpc_target(clean: Head, Z: torch.Tensor, y: torch.Tensor, eps_w: float) -> Head:
-    """One normalised ascent step of length eps_w on the training loss."""
-    g = summed_gradient(clean, Z, y).flat()
+def gradpc_target(
+    clean: Head, Z: torch.Tensor, y: torch.Tensor, eps_w: float, corrupt: str = "joint", refit: bool = False
+) -> Head:
+    """One normalised ascent step of length eps_w on the training loss.
+
+    corrupt: "joint" moves (W, b) along the normalised joint gradient (the paper);
+    "weights" moves W only. refit: then re-fit b on (Z, y) with W fixed."""
+    g = summed_gradient(clean, Z, y)
+    if corrupt == "weights":
+        g = Head(g.W, torch.zeros_like(g.b))
+    g = g.flat()
     norm = g.norm()
     if not torch.isfinite(norm) or norm == 0:
         raise FloatingPointError("GradPC: the clean head's gradient is zero or non-finite")
     K, d = clean.W.shape
-    return Head.from_flat(clean.flat() + eps_w * g / norm, K, d)
+    target = Head.from_flat(clean.flat() + eps_w * g / norm, K, d)
+    return refit_bias(target, Z, y) if refit else target
 
 
-def find_eps_w(clean: Head, Z: torch.Tensor, y: torch.Tensor, target_accuracy: float, iters: int = 40) -> float:
-    """Smallest eps_w (bisection in log space) with training accuracy <= target_accuracy."""
+def find_eps_w(
+    clean: Head, Z: torch.Tensor, y: torch.Tensor, target_accuracy: float, iters: int = 30, **how
+) -> float:
+    """Smallest eps_w (bisection) with training accuracy <= target_accuracy."""
     lo, hi = 0.0, 1.0
-    while accuracy(gradpc_target(clean, Z, y, hi), Z, y) > target_accuracy:
+    while accuracy(gradpc_target(clean, Z, y, hi, **how), Z, y) > target_accuracy:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             return 1e6
     for _ in range(iters):
         mid = (lo + hi) / 2
-        if accuracy(gradpc_target(clean, Z, y, mid), Z, y) > target_accuracy:
+        if accuracy(gradpc_target(clean, Z, y, mid, **how), Z, y) > target_accuracy:
             lo = mid
         else:
             hi = mid
@@ -55,9 +71,10 @@ def find_eps_w(clean: Head, Z: torch.Tensor, y: torch.Tensor, target_accuracy: f
 def target_head(ctx, params: GradPCParams) -> tuple[Head, dict]:
     """The stage-1 target for a context (shared by GC and feature matching)."""
     eps_w = params.eps_w
+    how = {"corrupt": params.corrupt, "refit": params.refit_bias}
     if params.target_accuracy is not None:
-        eps_w = find_eps_w(ctx.clean_head, ctx.Z_train, ctx.y_train, params.target_accuracy)
-    target = gradpc_target(ctx.clean_head, ctx.Z_train, ctx.y_train, eps_w)
+        eps_w = find_eps_w(ctx.clean_head, ctx.Z_train, ctx.y_train, params.target_accuracy, **how)
+    target = gradpc_target(ctx.clean_head, ctx.Z_train, ctx.y_train, eps_w, **how)
     return target, {
         "eps_w": eps_w,
         "target_accuracy": accuracy(target, ctx.Z_test, ctx.y_test),

@@ -126,6 +126,24 @@ def hvp(head: Head, Z: torch.Tensor, V: Head, weights: float = 1.0) -> Head:
     return Head(weights * (T.T @ Z), weights * T.sum(0))
 
 
+def refit_bias(head: Head, Z: torch.Tensor, y: torch.Tensor, iters: int = 200) -> Head:
+    """The same W with b re-optimised on (Z, y): full-batch L-BFGS on the summed CE,
+    convex in b. At the result the set's bias gradient is ~0."""
+    logits = Z.float() @ head.W.T.float()
+    b = head.b.detach().clone().float().requires_grad_(True)
+    opt = torch.optim.LBFGS([b], lr=1.0, max_iter=iters, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(logits + b, y, reduction="sum")
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return Head(head.W.clone(), b.detach().to(head.b.dtype))
+
+
 def train_head(
     Z: torch.Tensor,
     y: torch.Tensor,

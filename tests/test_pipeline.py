@@ -173,3 +173,42 @@ def test_invalid_parameters_fail_before_any_work(tiny_encoder, digits_small):
         run_job(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=1.5,
                 device="cpu", progress=lambda s, f: calls.append(s))
     assert calls == []
+
+
+def test_gradpc_weights_only_and_bias_refit():
+    from attacks.gradpc import gradpc_target
+    from attacks.head import summed_gradient, train_head
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 6, generator=g)
+    y = torch.arange(300) % 3
+    Z = centers[y] + torch.randn(300, 6, generator=g)
+    clean = train_head(Z, y, 3)
+    joint = gradpc_target(clean, Z, y, 2.0)
+    weights = gradpc_target(clean, Z, y, 2.0, corrupt="weights")
+    refit = gradpc_target(clean, Z, y, 2.0, corrupt="weights", refit=True)
+    assert not torch.equal(joint.b, clean.b)
+    assert torch.equal(weights.b, clean.b)
+    assert (weights.W - clean.W).norm().item() == pytest.approx(2.0, rel=1e-4)
+    assert torch.equal(refit.W, weights.W)
+    # after the refit the clean bias gradient vanishes; before it, it does not
+    assert summed_gradient(refit, Z, y).b.norm() < 1e-3
+    assert summed_gradient(weights, Z, y).b.norm() > 1e-2
+
+
+def test_gradient_canceling_with_pull_returns_the_pulled_iterate():
+    from attacks.gc_feature import gradient_canceling
+    from attacks.gradpc import gradpc_target
+    from attacks.head import summed_gradient, train_head
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 6, generator=g)
+    y = torch.arange(300) % 3
+    Z = centers[y] + torch.randn(300, 6, generator=g)
+    target = gradpc_target(train_head(Z, y, 3), Z, y, eps_w=2.0)
+    G = summed_gradient(target, Z, y)
+    free, _ = gradient_canceling(target, G, Z[:30], y[:30], steps=200, lr=0.5, stop_loss=0.0)
+    pulled, _ = gradient_canceling(target, G, Z[:30], y[:30], steps=200, lr=0.5, stop_loss=0.0,
+                                   pull_to=Z[:30], pull_weight=5.0)
+    # the pull keeps zeta nearer the reachable features it is pulled to
+    assert (pulled - Z[:30]).norm() < (free - Z[:30]).norm()
