@@ -151,6 +151,108 @@ class FeatureMatchingRParams(FeatureMatchingParams):
     )
 
 
+class GCInputParams(GradPCParams):
+    """Gradient Canceling in input space: the GC objective with zeta = f(nu), optimised over pixels."""
+
+    constrained: bool = Field(
+        True,
+        description="True: the paper's 'with constraints', adding penalty/2 ||nu - mu'||^2 and clipping nu "
+        "to the clean data range after every step. False: the paper's 'no constraints' (poisons may "
+        "leave the data range by any amount).",
+    )
+    penalty: float = Field(
+        1.0, ge=0, le=1e6, description="Weight of 1/2 ||nu - mu'||^2 when constrained (paper: 1)."
+    )
+    gc_steps: int = Field(2000, ge=1, le=100_000, description="Gradient steps on nu (paper: 2000).")
+    gc_lr: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="Relative step size: a first step moves a poison by about gc_lr times the mean "
+        "clean image L2 norm (cosine-decayed), so it transfers across datasets and encoders.",
+    )
+    cancel_bias: bool = Field(False, description="Also cancel the bias gradient (plim cancels only W).")
+    stop_loss: float = Field(1.0, ge=0, description="Stop when 1/2||residual||^2 falls below this (paper: 1).")
+    subset: Literal["random", "first"] = Field(
+        "random", description="Which clean points initialise nu: a seeded random subset, or the first ones (plim)."
+    )
+    batch_size: int = Field(256, ge=1, le=65_536, description="Poisons per chunk for the encoder passes.")
+
+
+class TGDAParams(_Params):
+    """Total Gradient Descent Ascent in input space with a frozen encoder."""
+
+    constrained: bool = Field(
+        True,
+        description="True: penalty/2 ||nu - mu'||^2 and clipping to the clean data range (the paper's "
+        "'constr.'); False: unconstrained.",
+    )
+    penalty: float = Field(1.0, ge=0, le=1e6, description="Weight of 1/2 ||nu - mu'||^2 when constrained.")
+    epochs: int = Field(200, ge=1, le=100_000, description="Leader (attacker) epochs (paper: 200).")
+    leader_lr: float = Field(0.01, gt=0, le=100, description="Attacker step size on nu (reference: 0.01).")
+    follower_steps: int = Field(20, ge=0, le=10_000, description="Defender SGD steps per epoch (reference: 20).")
+    follower_lr: float = Field(0.1, gt=0, le=100, description="Defender step size (reference: 0.1).")
+    cg_iters: int = Field(16, ge=1, le=1000, description="Conjugate-gradient iterations for H^-1 v (reference: 16).")
+    cg_damping: float = Field(
+        1e-3, ge=0, le=1e3, description="Damping lambda in (H + lambda I) for the CG solve (H may be singular)."
+    )
+    val_fraction: float = Field(
+        0.3, gt=0, lt=1, description="Share of the clean training set held out as the attacker's validation set."
+    )
+    batch_size: int = Field(256, ge=1, le=65_536, description="Poisons per chunk for the encoder passes.")
+    subset: Literal["random", "first"] = Field(
+        "random", description="Which clean points initialise nu: a seeded random subset, or the first ones."
+    )
+
+
+class EMNParams(_Params):
+    """Unlearnable examples: sample-wise error-minimising noise."""
+
+    radius: float = Field(8 / 255, gt=0, le=1, description="L_inf radius of each perturbation (paper: 8/255).")
+    pgd_steps: int = Field(20, ge=1, le=10_000, description="Sign-PGD steps per round and image (reference: 20).")
+    pgd_step: float = Field(0.8 / 255, gt=0, le=1, description="Sign-PGD step size (reference: 0.8/255).")
+    head_steps: int = Field(10, ge=1, le=10_000, description="Model SGD steps per round (reference: 10).")
+    lr: float = Field(0.1, gt=0, le=10, description="Model SGD learning rate (reference: 0.1).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Model SGD momentum (reference: 0.9).")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="Model SGD weight decay (reference: 5e-4).")
+    stop_accuracy: float = Field(
+        0.99, gt=0, le=1, description="Stop when training accuracy on x + delta exceeds this (reference: 0.99)."
+    )
+    max_rounds: int = Field(
+        10, ge=1, le=10_000, description="Cap on rounds: a frozen encoder may never reach stop_accuracy."
+    )
+    end_to_end: bool = Field(
+        False,
+        description="Train the encoder too (from its pre-trained weights) during the attack and the "
+        "evaluation: the paper's Table 4 'end-to-end' column. False: frozen encoder, head only.",
+    )
+    finetune_epochs: int = Field(
+        10, ge=1, le=10_000, description="End-to-end only: epochs of encoder + head training in the evaluation."
+    )
+    encoder_lr: float = Field(
+        0.01, gt=0, le=10, description="End-to-end only: SGD learning rate of the encoder weights."
+    )
+    batch_size: int = Field(128, ge=1, le=65_536, description="Mini-batch size for model steps and PGD.")
+
+
+class DecoderInversionParams(GCFeatureParams):
+    """Stage 3 by decoder inversion: a U-Net decoder over the frozen encoder maps zeta back to images."""
+
+    decoder_epochs: int = Field(30, ge=1, le=10_000, description="Epochs of decoder training on the clean set.")
+    decoder_lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate of the decoder.")
+    decoder_batch_size: int = Field(128, ge=1, le=65_536, description="Decoder training mini-batch size.")
+    decoder_loss: Literal["auto", "ms_ssim_l1", "ssim_l1"] = Field(
+        "auto",
+        description="Reconstruction loss: MS-SSIM + L1 (the paper), SSIM + L1 (images too small for five "
+        "scales), or auto (MS-SSIM where the image allows five scales).",
+    )
+    ssim_weight: float = Field(
+        0.84, ge=0, le=1, description="alpha in alpha * (1 - (MS-)SSIM) + (1 - alpha) * L1 (Zhao et al.: 0.84)."
+    )
+    decoder_width: int = Field(64, ge=4, le=1024, description="Channels of the decoder's first up-block.")
+    batch_size: int = Field(256, ge=1, le=65_536, description="Poisons decoded per batch.")
+
+
 class AttackInfo(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
@@ -209,6 +311,45 @@ CATALOGUE: dict[str, AttackInfo] = {
             params_model=FeatureMatchingRParams,
             entry="attacks.feature_matching_r:run",
             takes_beta=True,
+        ),
+        AttackInfo(
+            name="gc_input",
+            title="Gradient Canceling in input space",
+            description="The Gradient Canceling objective optimised directly over pixels, through the frozen "
+            "encoder (closed-form cotangent and one vector-Jacobian product per step); with or without the "
+            "proximity penalty and clipping to the clean data range.",
+            paper=PAPER + " Table 1, 'GC input space'; Lu et al. 2023.",
+            params_model=GCInputParams,
+            entry="attacks.gc_input:run",
+        ),
+        AttackInfo(
+            name="tgda_input",
+            title="Total Gradient Descent Ascent in input space",
+            description="Attacker ascends the validation loss along the total derivative through the "
+            "defender's best response (closed-form head Hessian-vector products, damped conjugate "
+            "gradient); defender descends the training loss.",
+            paper=PAPER + " Table 1, 'TGDA'; Lu et al. 2022 (watml/TGDA-Attack).",
+            params_model=TGDAParams,
+            entry="attacks.tgda_input:run",
+        ),
+        AttackInfo(
+            name="emn",
+            title="Unlearnable examples (sample-wise error-minimising noise)",
+            description="Bounded L_inf noise that makes the training images easy to fit, so the model learns "
+            "the noise. epsilon is the fraction of training images perturbed, in place (the paper: 1, "
+            "every image). Frozen encoder (head only) or end-to-end (encoder trained too).",
+            paper=PAPER + " Table 4; Huang et al. 2021 (HanxunH/Unlearnable-Examples).",
+            params_model=EMNParams,
+            entry="attacks.emn:run",
+        ),
+        AttackInfo(
+            name="decoder_inversion",
+            title="Feature-targeted attack: decoder inversion",
+            description="GradPC target, GC poisoned features, then images from a U-Net decoder trained over "
+            "the frozen encoder, with zeta injected at its bottleneck.",
+            paper=PAPER + " Section 4.2.1.",
+            params_model=DecoderInversionParams,
+            entry="attacks.decoder_inversion:run",
         ),
     ]
 }

@@ -126,7 +126,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from attacks.encoders import EncoderSpec, save_encoder
+    from attacks.encoders import EncoderSpec, mark_pretrained_on, save_encoder
     from attacks.pretrain import SimCLRConfig, linear_probe_accuracy, pretrain_simclr
 
     if args.epochs < 1 or args.batch_size < 2:
@@ -144,7 +144,7 @@ def cmd_pretrain(args) -> int:
         encoder = pretrain_simclr(spec, dataset.x_train, config, progress=bars)
     finally:
         bars.close()
-    path = save_encoder(encoder, args.out)
+    path = save_encoder(mark_pretrained_on(encoder, dataset), args.out)
     acc = linear_probe_accuracy(encoder, dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
     print(f"pre-trained {args.arch} on {dataset.name}: linear probe {acc:.4f}; saved to {path}")
     return 0

@@ -275,6 +275,9 @@ class Encoder(nn.Module):
         self.spec = spec
         self.feature_dim = spec.feature_dim
         self.backbone = backbone
+        # Where the weights came from, e.g. {"pretrained_on": {"name": ..., "content_hash": ...}}.
+        # Saved in encoder.json; not part of the fingerprint (it does not change the function).
+        self.provenance: dict[str, Any] = {}
         shape = (1, -1, 1, 1)
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(shape), persistent=False)
@@ -375,6 +378,8 @@ def save_encoder(encoder: Encoder, directory: str | os.PathLike[str]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.backbone.state_dict().items()}
     meta = {"format_version": FORMAT_VERSION, "spec": encoder.spec.to_json(), "fingerprint": encoder.fingerprint()}
+    if getattr(encoder, "provenance", None):
+        meta["provenance"] = encoder.provenance
     _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(directory / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return directory
@@ -621,4 +626,18 @@ def load_encoder(
     encoder.eval()
     if fingerprint is not None and encoder.fingerprint() != fingerprint:
         raise EncoderError(f"{path.name!r} does not match the fingerprint in {META_FILE}: file altered or corrupt")
+    if fingerprint is not None and isinstance(meta.get("provenance"), dict):
+        encoder.provenance = dict(meta["provenance"])
+    return encoder
+
+
+def mark_pretrained_on(encoder: Encoder, dataset: Any) -> Encoder:
+    """Record which dataset the encoder was pre-trained on (name and content hash), in place.
+
+    The pipeline compares it with the audited dataset to tell the paper's two
+    scenarios apart: the same dataset (its "FT") or transfer learning ("TL").
+    """
+    encoder.provenance = dict(encoder.provenance) | {
+        "pretrained_on": {"name": getattr(dataset, "name", None), "content_hash": getattr(dataset, "content_hash", None)}
+    }
     return encoder

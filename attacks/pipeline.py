@@ -108,6 +108,13 @@ class AttackOutput:
     base_index: torch.Tensor | None = None
     zeta: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    # The poisons replace their base images in the training set instead of joining it
+    # (unlearnable examples: eps_d = infinity when every image is perturbed).
+    replaces_base: bool = False
+    # An attack that must evaluate itself (end-to-end training of the encoder) returns
+    # {"clean_accuracy": ..., "poisoned_accuracy": ...} here; the pipeline then skips
+    # the head retraining on cached features and reports these numbers.
+    evaluation: dict | None = None
 
 
 @dataclass
@@ -185,6 +192,16 @@ def poison_statistics(
     return stats
 
 
+def scenario_of(encoder, dataset) -> dict:
+    """The paper's two settings: the encoder pre-trained on the audited dataset ("same_dataset",
+    its fine-tuning rows) or on another one ("transfer"); "unknown" when the encoder has no record."""
+    pre = (getattr(encoder, "provenance", None) or {}).get("pretrained_on")
+    if not pre:
+        return {"scenario": "unknown", "pretrained_on": None}
+    same = pre.get("content_hash") is not None and pre.get("content_hash") == getattr(dataset, "content_hash", None)
+    return {"scenario": "same_dataset" if same else "transfer", "pretrained_on": pre}
+
+
 def _finite(obj: Any, where: str = "result") -> None:
     if isinstance(obj, float) and not math.isfinite(obj):
         raise AttackDiverged(f"non-finite value in {where}")
@@ -233,6 +250,8 @@ def run_job(
     timings["attack"] = time.perf_counter() - t0
 
     metrics = _evaluate(ctx, out, opts, timings, report)
+    if out.evaluation is not None:
+        clean_acc = float(out.evaluation["clean_accuracy"])
     metrics.update(
         attack=opts.attack,
         epsilon=opts.epsilon,
@@ -251,6 +270,7 @@ def run_job(
         dataset=getattr(dataset, "name", None),
         dataset_hash=getattr(dataset, "content_hash", None),
         feature_cache={"hits": cache.hits, "misses": cache.misses},
+        **scenario_of(encoder, dataset),
     )
     timings["total"] = time.perf_counter() - t_start
     metrics["stage_seconds"] = timings
@@ -282,14 +302,24 @@ def _evaluate(ctx: AttackContext, out: AttackOutput, opts: JobOptions, timings: 
         Zp = out.poison_features
     else:
         Zp = None
-    if Zp is None:  # a parameter attack: the target head is the attacked model
+    if out.evaluation is not None:  # the attack trained and evaluated its own model
+        metrics["poisoned_accuracy"] = float(out.evaluation["poisoned_accuracy"])
+        metrics["n_poisons"] = int(Zp.shape[0]) if Zp is not None else 0
+        metrics["evaluated_by"] = "attack"
+    elif Zp is None:  # a parameter attack: the target head is the attacked model
         metrics["poisoned_accuracy"] = metrics["target_accuracy"]
         metrics["n_poisons"] = 0
     else:
         if not torch.isfinite(Zp).all():
             raise AttackDiverged("the poisoned features are non-finite")
-        Zmix = torch.cat([ctx.Z_train, Zp.float()])
-        ymix = torch.cat([ctx.y_train, out.poison_labels.long()])
+        if out.replaces_base:
+            keep = torch.ones(ctx.Z_train.shape[0], dtype=torch.bool, device=ctx.Z_train.device)
+            keep[out.base_index.to(keep.device)] = False
+            Zclean, yclean = ctx.Z_train[keep], ctx.y_train[keep]
+        else:
+            Zclean, yclean = ctx.Z_train, ctx.y_train
+        Zmix = torch.cat([Zclean, Zp.float().to(Zclean.device)])
+        ymix = torch.cat([yclean, out.poison_labels.long().to(yclean.device)])
         poisoned_head = train_head(Zmix, ymix, ctx.dataset.num_classes, ctx.recipe, opts.seed)
         metrics["poisoned_accuracy"] = accuracy(poisoned_head, ctx.Z_test, ctx.y_test)
         metrics["poisoned_train_accuracy"] = accuracy(poisoned_head, ctx.Z_train, ctx.y_train)

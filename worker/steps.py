@@ -69,6 +69,9 @@ def pretrain(run: JobRun):
     dataset = load_job_dataset(run.job.dataset, row, run.store, run.settings)
     t0 = time.perf_counter()
     encoder = pretrain_simclr(spec, dataset.x_train, config, run.progress)
+    from attacks.encoders import mark_pretrained_on
+
+    mark_pretrained_on(encoder, dataset)
     return encoder, time.perf_counter() - t0
 
 
