@@ -94,6 +94,8 @@ class AttackContext:
     amp: bool = False
     seed: int = 0
     encoder_fingerprint: str = ""
+    # Where attacks may keep artifacts shared across jobs (e.g. a trained decoder); None: memory only.
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -157,7 +159,9 @@ def prepare(
     head = train_head(Z_train, y_train, dataset.num_classes, recipe, seed)
     timings["clean_head"] = time.perf_counter() - t0
     report("clean_head", 1.0)
-    return AttackContext(encoder, dataset, Z_train, y_train, Z_test, y_test, head, recipe, dev, amp, seed, fp)
+    return AttackContext(
+        encoder, dataset, Z_train, y_train, Z_test, y_test, head, recipe, dev, amp, seed, fp, cache.directory
+    )
 
 
 def poison_statistics(
