@@ -189,12 +189,30 @@ class TGDAParams(_Params):
     )
     penalty: float = Field(1.0, ge=0, le=1e6, description="Weight of 1/2 ||nu - mu'||^2 when constrained.")
     epochs: int = Field(200, ge=1, le=100_000, description="Leader (attacker) epochs (paper: 200).")
-    leader_lr: float = Field(0.01, gt=0, le=100, description="Attacker step size on nu (reference: 0.01).")
-    follower_steps: int = Field(20, ge=0, le=10_000, description="Defender SGD steps per epoch (reference: 20).")
-    follower_lr: float = Field(0.1, gt=0, le=100, description="Defender step size (reference: 0.1).")
+    leader_lr: float = Field(
+        0.01,
+        gt=0,
+        le=100,
+        description="Attacker step on nu, normalised: each epoch moves the poisons by leader_lr times the mean "
+        "clean image L2 norm (mean over poisons) along the total derivative (reference: 0.01 on a generator).",
+    )
+    follower_steps: int = Field(
+        20, ge=0, le=10_000, description="Defender full-batch gradient steps per epoch (reference: 20)."
+    )
+    follower_lr: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="Defender step size in units of 1 / mean ||[z; 1]||^2 over the clean features, so that it "
+        "is stable and comparable for any feature scale (reference: 0.1).",
+    )
     cg_iters: int = Field(16, ge=1, le=1000, description="Conjugate-gradient iterations for H^-1 v (reference: 16).")
     cg_damping: float = Field(
-        1e-3, ge=0, le=1e3, description="Damping lambda in (H + lambda I) for the CG solve (H may be singular)."
+        1e-3,
+        ge=0,
+        le=1e3,
+        description="Damping lambda in (H + lambda m2 I) for the CG solve, m2 = mean ||[z; 1]||^2 over the clean "
+        "features (H is singular: softmax is invariant to a shift shared by all classes).",
     )
     val_fraction: float = Field(
         0.3, gt=0, lt=1, description="Share of the clean training set held out as the attacker's validation set."
