@@ -1,4 +1,5 @@
-"""The service's commands: ``serve``, ``create-team``, ``create-key``, ``migrate``.
+"""The service's commands: ``serve``, ``create-team``, ``create-key``, ``migrate``, and the client's
+(``submit``, ``status``, ``wait``, ``download``, ``audit``; see :mod:`app.client_cli`).
 
 Registered on the ``poisonaudit`` console script by :func:`add_subcommands`, and
 runnable alone as ``python -m app.cli ...``. Imports no torch (the worker that
@@ -121,6 +122,10 @@ def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("migrate", help="upgrade the database schema to the latest revision")
     data_dir(p)
     p.set_defaults(func=cmd_migrate)
+
+    from app.client_cli import add_subcommands as add_client_subcommands
+
+    add_client_subcommands(subparsers)  # submit, status, wait, download, audit: a client of a running server
 
 
 def main(argv: Sequence[str] | None = None) -> int:

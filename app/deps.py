@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.db import get_session
 from app.datasets import DatasetRefError, ResolvedDataset, resolve
-from app.models import Encoder, Job, Team
+from app.models import Audit, Encoder, Job, Team
 from app.problems import Problem, not_found
 from app.queue import JobQueue, get_queue
 from app.security import authenticate
@@ -53,6 +53,16 @@ def get_job(job_id: Annotated[uuid.UUID, Path()], session: SessionDep, team: Tea
 
 
 JobDep = Annotated[Job, Depends(get_job)]
+
+
+def get_audit(audit_id: Annotated[uuid.UUID, Path()], session: SessionDep, team: TeamDep) -> Audit:
+    audit = session.scalar(select(Audit).where(Audit.id == audit_id, Audit.team_id == team.id))
+    if audit is None:
+        raise not_found("audit", audit_id)
+    return audit
+
+
+AuditDep = Annotated[Audit, Depends(get_audit)]
 
 
 def get_encoder(encoder_id: Annotated[uuid.UUID, Path()], session: SessionDep, team: TeamDep) -> Encoder:

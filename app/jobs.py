@@ -33,7 +33,7 @@ def artifact_public(a: Artifact) -> ArtifactPublic:
 
 def job_public(job: Job, artifacts: list[Artifact]) -> JobPublic:
     return JobPublic(
-        id=job.id, kind=job.kind, status=job.status, attack=job.attack, encoder=job.encoder_id, dataset=job.dataset,
+        id=job.id, kind=job.kind, audit=job.audit_id, status=job.status, attack=job.attack, encoder=job.encoder_id, dataset=job.dataset,
         epsilon=job.epsilon, beta=job.beta, params=job.params or {}, seed=job.seed, device=job.device, head=job.head,
         queue=job.queue,
         progress=ProgressPublic(stage=job.progress_stage, fraction=job.progress_fraction, updated_at=job.progress_updated_at),
@@ -186,8 +186,11 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_jobs(session: Session, team: Team, *, status: str | None, attack: str | None, encoder: uuid.UUID | None,
-              kind: str | None, limit: int, cursor: str | None) -> tuple[list[Job], int, str | None]:
+              kind: str | None, limit: int, cursor: str | None,
+              audit: uuid.UUID | None = None) -> tuple[list[Job], int, str | None]:
     conds = [Job.team_id == team.id]
+    if audit:
+        conds.append(Job.audit_id == audit)
     if status:
         conds.append(Job.status == status)
     if attack:

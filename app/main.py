@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from app import problems
 from app.limits import UploadLimitMiddleware
-from app.routers import attacks, datasets, encoders, health, jobs
+from app.routers import attacks, audits, datasets, encoders, health, jobs
 from app.settings import get_settings
 
 log = logging.getLogger("app")
@@ -47,9 +47,11 @@ def create_app() -> FastAPI:
         version="1.0.0",
         summary="Indiscriminate data-poisoning audits of linear heads on frozen pre-trained encoders.",
         lifespan=lifespan,
+        # operation ids are the handlers' verb_noun names (create_job, read_audit...): readable generated clients
+        generate_unique_id_function=lambda route: route.name,
     )
     problems.install(app)
-    for r in (jobs.router, encoders.router, datasets.router, attacks.router, health.router):
+    for r in (jobs.router, audits.router, encoders.router, datasets.router, attacks.router, health.router):
         app.include_router(r)
 
     def limits():

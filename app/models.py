@@ -110,6 +110,29 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Audit(Base):
+    """A grid of attack jobs (attacks x betas x epsilons x seeds) on one encoder and dataset.
+    Its status, progress and table are derived from its jobs (see :mod:`app.audits`)."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_team_id_created_at", "team_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    encoder_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("encoder.id", ondelete="SET NULL"))
+    dataset: Mapped[str] = mapped_column(String(200))
+    dataset_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("dataset.id", ondelete="SET NULL"))
+    attacks: Mapped[list[Any]] = mapped_column(JSON)  # [{"name", "params", "label"}], as requested
+    epsilons: Mapped[list[Any]] = mapped_column(JSON)
+    betas: Mapped[list[Any] | None] = mapped_column(JSON)
+    seeds: Mapped[list[Any]] = mapped_column(JSON)
+    device: Mapped[str] = mapped_column(String(8), default="auto")
+    head: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "job"
     __table_args__ = (
@@ -125,6 +148,7 @@ class Job(Base):
     encoder_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("encoder.id", ondelete="SET NULL"), index=True)
     dataset: Mapped[str] = mapped_column(String(200))  # built-in name, server root name, or uploaded dataset id
     dataset_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("dataset.id", ondelete="SET NULL"))
+    audit_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("audit.id", ondelete="CASCADE"), index=True)
     epsilon: Mapped[float | None] = mapped_column(Float)
     beta: Mapped[float | None] = mapped_column(Float)
     seed: Mapped[int] = mapped_column(Integer, default=0)

@@ -48,6 +48,15 @@ class Problem(Exception):
         return out
 
 
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for routes: the problem-details schema under its media type."""
+    from app.schemas import ProblemDetail
+
+    return {c: {"model": ProblemDetail, "description": _TITLES.get(c, "Error"),
+                "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}}}
+            for c in codes}
+
+
 def not_found(what: str, ident: Any) -> Problem:
     return Problem(404, f"{what} {ident} not found")
 

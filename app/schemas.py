@@ -34,6 +34,25 @@ class JobCreate(_In):
     head: dict[str, Any] | None = Field(None, description="Linear-head recipe (HeadRecipe); defaults apply.")
 
 
+class FieldError(BaseModel):
+    field: str = Field(description="The offending field, dotted (e.g. 'params.gc_steps', 'epsilons.1').")
+    message: str
+
+
+class ProblemDetail(BaseModel):
+    """RFC 7807 problem details, the body of every error response (application/problem+json)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[FieldError] | None = Field(None, description="Per-field reasons of a 422.")
+    valid: list[str] | None = Field(None, description="The valid choices, when a name was unknown.")
+
+
 class ProgressPublic(BaseModel):
     stage: str | None
     fraction: float | None
@@ -52,6 +71,7 @@ class ArtifactPublic(BaseModel):
 class JobPublic(BaseModel):
     id: uuid.UUID
     kind: Literal["attack", "pretrain"]
+    audit: uuid.UUID | None = Field(None, description="The audit this job belongs to, if any.")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     attack: str | None
     encoder: uuid.UUID | None
@@ -162,3 +182,132 @@ class AttacksPublic(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = {}
+
+
+# ------------------------------------------------------------------ audits
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class AuditAttack(_In):
+    """One attack of an audit, with its parameters (the same for every beta, epsilon and seed)."""
+
+    name: str = Field(description="An attack name from GET /v1/attacks.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Attack parameters; schema in GET /v1/attacks.")
+    label: str | None = Field(None, min_length=1, max_length=100,
+                              description="Row label in the table (default: the name); needed to tell apart two "
+                                          "entries of the same attack with different parameters.")
+
+
+class AuditCreate(_In):
+    """An audit: one job per attack x beta x epsilon x seed on one encoder and dataset."""
+
+    name: str = Field("", max_length=200)
+    encoder: uuid.UUID = Field(description="Id of one of your encoders (status ready).")
+    dataset: str = Field(min_length=1, max_length=200, description="As for jobs: built-in, server-side or uploaded id.")
+    attacks: list[AuditAttack] = Field(min_length=1, max_length=50)
+    epsilons: list[float] = Field(min_length=1, max_length=50, description="Poisoning fractions, each in (0, 1].")
+    betas: list[float] | None = Field(
+        None, min_length=1, max_length=50,
+        description="Constraint strengths, applied to the attacks that take a beta (feature matching); the other "
+                    "attacks get one row. Default: the catalogue's default beta.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=50,
+                             description="Seeds; the table reports mean and std over them.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    head: dict[str, Any] | None = Field(None, description="Linear-head recipe (HeadRecipe) for every job.")
+
+
+class Stat(BaseModel):
+    """Mean and sample standard deviation (0 when n = 1) over n values (seeds)."""
+
+    mean: float
+    std: float
+    n: int
+
+
+class CellJobs(BaseModel):
+    succeeded: int
+    failed: int = Field(description="Failed or cancelled.")
+    pending: int = Field(description="Queued or running.")
+
+
+class AuditCell(BaseModel):
+    poisoned_accuracy: Stat | None
+    drop: Stat | None
+    jobs: CellJobs
+    defences: dict[str, Stat] = Field(description="Accuracy after each defence, when the jobs report defences.")
+
+
+class AuditRow(BaseModel):
+    attack: str
+    beta: float | None
+    label: str
+    cells: dict[str, AuditCell] = Field(description="By epsilon, written as str(float(epsilon)), e.g. '0.03'.")
+
+
+class AuditWorst(BaseModel):
+    epsilon: float
+    worst_drop: float | None
+    attack: str | None
+    beta: float | None
+
+
+class AuditTable(BaseModel):
+    clean_accuracy: Stat | None = Field(description="Over seeds; null until a job has succeeded.")
+    epsilons: list[float]
+    rows: list[AuditRow]
+    summary: list[AuditWorst] = Field(description="Per epsilon, the poisoning attack with the largest mean drop "
+                                                  "(GradPC, a target and not a poisoning attack, is left out).")
+
+
+class AuditJobCounts(BaseModel):
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+class AuditProgress(BaseModel):
+    fraction: float = Field(description="Finished jobs count 1, running ones their own fraction.")
+    jobs: AuditJobCounts
+
+
+class AuditJob(BaseModel):
+    id: uuid.UUID
+    attack: str | None
+    label: str
+    beta: float | None
+    epsilon: float | None
+    seed: int
+    status: JobStatusName
+    error: str | None
+
+
+class AuditSummary(BaseModel):
+    id: uuid.UUID
+    name: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled", "partial"]
+    encoder: uuid.UUID | None
+    dataset: str
+    attacks: list[AuditAttack]
+    epsilons: list[float]
+    betas: list[float] | None
+    seeds: list[int]
+    device: str
+    head: dict[str, Any] | None
+    cancel_requested: bool
+    created_at: datetime
+    finished_at: datetime | None
+    progress: AuditProgress
+
+
+class AuditPublic(AuditSummary):
+    table: AuditTable
+    jobs: list[AuditJob]
+
+
+class AuditsPublic(BaseModel):
+    data: list[AuditSummary]
+    count: int
+    next_cursor: str | None

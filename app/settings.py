@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(15.0, gt=0)
     reaper_enabled: bool = True
     max_attempts: int = Field(2, ge=1, le=20)
+    max_audit_jobs: int = Field(200, ge=1, description="Largest fan-out of one audit (422 beyond).")
     cache_dir: Path | None = None
     cache_mirror: bool = True
     encoder_check_wait_s: float = Field(10.0, ge=0)

@@ -132,30 +132,43 @@ def gradient_canceling(
 
 
 def poisoned_features(ctx, params: GCFeatureParams, epsilon: float, seed: int, progress: ProgressFn | None = None):
-    """Stages 1-2 for a context: (target head, zeta, labels, base indices, info)."""
+    """Stages 1-2 for a context: (target head, zeta, labels, base indices, info).
+
+    Both stages go through ``ctx.stage_cache`` when the context carries one
+    (:mod:`attacks.stage_cache`): zeta depends on the target, the GC parameters,
+    epsilon and the seed, so every beta of feature matching and the gc_feature row
+    of an audit share one Gradient Canceling run."""
     from attacks.gradpc import target_head
+    from attacks.stage_cache import cached_stage, gc_parts
 
     report = progress or (lambda s, f: None)
     target, info = target_head(ctx, params)
     report("gradpc", 1.0)
-    n = n_poisons(epsilon, ctx.Z_train.shape[0])
-    idx = choose_subset(ctx.Z_train.shape[0], n, params.subset, seed)
     G = summed_gradient(target, ctx.Z_train, ctx.y_train)
-    zeta, gc_info = gradient_canceling(
-        target,
-        G,
-        ctx.Z_train[idx],
-        ctx.y_train[idx],
-        steps=params.gc_steps,
-        lr=params.gc_lr,
-        cancel_bias=params.cancel_bias,
-        stop_loss=params.stop_loss,
-        feature_scale=ctx.Z_train.norm(dim=1).mean().item(),
-        progress=lambda f: report("gc_feature", f),
-    )
-    clean_norm = ctx.Z_train.norm(dim=1).mean().item()
+
+    def compute():
+        n = n_poisons(epsilon, ctx.Z_train.shape[0])
+        idx = choose_subset(ctx.Z_train.shape[0], n, params.subset, seed)
+        zeta, gc_info = gradient_canceling(
+            target,
+            G,
+            ctx.Z_train[idx],
+            ctx.y_train[idx],
+            steps=params.gc_steps,
+            lr=params.gc_lr,
+            cancel_bias=params.cancel_bias,
+            stop_loss=params.stop_loss,
+            feature_scale=ctx.Z_train.norm(dim=1).mean().item(),
+            progress=lambda f: report("gc_feature", f),
+        )
+        clean_norm = ctx.Z_train.norm(dim=1).mean().item()
+        gc_info["zeta_norm_ratio"] = zeta.norm(dim=1).mean().item() / max(clean_norm, 1e-12)
+        return {"zeta": zeta, "idx": idx}, gc_info
+
+    out, gc_info = cached_stage(ctx, "gc_features", {**gc_parts(params), "epsilon": epsilon, "seed": seed}, compute)
+    report("gc_feature", 1.0)
+    zeta, idx = out["zeta"], out["idx"].cpu()
     info.update(gc_info)
-    info["zeta_norm_ratio"] = zeta.norm(dim=1).mean().item() / max(clean_norm, 1e-12)
     return target, G, zeta, ctx.y_train[idx], idx, info
 
 

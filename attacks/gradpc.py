@@ -69,7 +69,21 @@ def find_eps_w(
 
 
 def target_head(ctx, params: GradPCParams) -> tuple[Head, dict]:
-    """The stage-1 target for a context (shared by GC and feature matching)."""
+    """The stage-1 target for a context (shared by GC, feature matching, GC input space, ...).
+
+    Computed once per content key through ``ctx.stage_cache`` when the context carries one
+    (:mod:`attacks.stage_cache`): it depends on the clean head and the GradPC parameters only."""
+    from attacks.stage_cache import cached_stage, gradpc_parts
+
+    def compute():
+        target, info = _target_head(ctx, params)
+        return {"W": target.W, "b": target.b}, info
+
+    t, info = cached_stage(ctx, "gradpc_target", gradpc_parts(params), compute)
+    return Head(t["W"], t["b"]), info
+
+
+def _target_head(ctx, params: GradPCParams) -> tuple[Head, dict]:
     eps_w = params.eps_w
     how = {"corrupt": params.corrupt, "refit": params.refit_bias}
     if params.target_accuracy is not None:

@@ -96,6 +96,8 @@ class AttackContext:
     encoder_fingerprint: str = ""
     # Where attacks may keep artifacts shared across jobs (e.g. a trained decoder); None: memory only.
     cache_dir: Path | None = None
+    # Stage outputs shared across jobs (clean head, GradPC target, GC features); None: no sharing.
+    stage_cache: Any = None
 
 
 @dataclass
@@ -136,8 +138,10 @@ def prepare(
     cache: FeatureCache | None = None,
     progress: ProgressFn | None = None,
     timings: dict | None = None,
+    stage_cache=None,
 ) -> AttackContext:
-    """Stages shared by every attack: frozen encoder on device, cached features, clean head."""
+    """Stages shared by every attack: frozen encoder on device, cached features, clean head
+    (through ``stage_cache``, an :class:`attacks.stage_cache.StageCache`, when given)."""
     from attacks.encoders import freeze
 
     report = progress or (lambda s, f: None)
@@ -156,11 +160,21 @@ def prepare(
     recipe = recipe or HeadRecipe()
     t0 = time.perf_counter()
     y_train, y_test = dataset.y_train.long(), dataset.y_test.long()
-    head = train_head(Z_train, y_train, dataset.num_classes, recipe, seed)
+    if stage_cache is None:
+        head = train_head(Z_train, y_train, dataset.num_classes, recipe, seed)
+    else:
+        ident = stage_cache.identity(fp, getattr(dataset, "content_hash", None), recipe, seed, dev, amp)
+        t, _ = stage_cache.get_or_compute(
+            "clean_head", stage_cache.key("clean_head", ident, {}) if ident else None,
+            lambda: (lambda h: ({"W": h.W, "b": h.b}, {}))(train_head(Z_train, y_train, dataset.num_classes, recipe, seed)),
+            device=Z_train.device,
+        )
+        head = Head(t["W"], t["b"])
     timings["clean_head"] = time.perf_counter() - t0
     report("clean_head", 1.0)
     return AttackContext(
-        encoder, dataset, Z_train, y_train, Z_test, y_test, head, recipe, dev, amp, seed, fp, cache.directory
+        encoder, dataset, Z_train, y_train, Z_test, y_test, head, recipe, dev, amp, seed, fp, cache.directory,
+        stage_cache,
     )
 
 
@@ -232,6 +246,7 @@ def run_job(
     cache_dir: str | Path | None = None,
     cache: FeatureCache | None = None,
     progress: ProgressFn | None = None,
+    stage_cache=None,
 ) -> JobResult:
     """Run one audit job end to end. Raises before any work on invalid parameters
     (catalogue.UnknownAttackError, pydantic.ValidationError, ValueError)."""
@@ -243,7 +258,7 @@ def run_job(
     cache = cache or FeatureCache(cache_dir)
     ctx = prepare(
         encoder, dataset, recipe=opts.head, seed=opts.seed, device=opts.device, amp=amp,
-        cache=cache, progress=report, timings=timings,
+        cache=cache, progress=report, timings=timings, stage_cache=stage_cache,
     )
     clean_acc = accuracy(ctx.clean_head, ctx.Z_test, ctx.y_test)
 
@@ -274,6 +289,7 @@ def run_job(
         dataset=getattr(dataset, "name", None),
         dataset_hash=getattr(dataset, "content_hash", None),
         feature_cache={"hits": cache.hits, "misses": cache.misses},
+        **({"stage_cache": stage_cache.stats()} if stage_cache is not None else {}),
         **scenario_of(encoder, dataset),
     )
     timings["total"] = time.perf_counter() - t_start

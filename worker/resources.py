@@ -8,11 +8,13 @@ import json
 import logging
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 from attacks.data import load_dataset
 from attacks.encoders import META_FILE, WEIGHTS_FILE, EncoderSpec, load_encoder, save_encoder
 from attacks.features import FeatureCache
+from attacks.stage_cache import StageCache
 
 from app.models import Dataset, Encoder
 from app.settings import Settings, get_settings
@@ -111,6 +113,44 @@ class MirroredFeatureCache(FeatureCache):
         return z
 
 
+class MirroredStageCache(StageCache):
+    """The engine's stage cache (clean head, GradPC target, GC features shared by the jobs of
+    an audit), backed by ``cache/stages/<key>.safetensors`` in the object store: a miss in
+    memory and on the local disk tries the store before computing; a computation is uploaded."""
+
+    def __init__(self, directory, store: ObjectStore | None, memory: dict | None = None):
+        super().__init__(directory, memory=memory)
+        self.store = store
+
+    @staticmethod
+    def object_key(key: str) -> str:
+        return f"cache/stages/{key}.safetensors"
+
+    def _fetch_remote(self, key: str, path: Path) -> bool:
+        if self.store is None:
+            return False
+        try:
+            _fetch(self.store, self.object_key(key), path)
+        except ObjectNotFound:
+            return False
+        log.info("stage cache: %s from the object store", key[:12])
+        return True
+
+    def _push_remote(self, key: str, path: Path) -> None:
+        if self.store is not None:
+            self.store.put_file(self.object_key(key), path)
+
+
+# One memory layer per worker process, shared by the jobs it runs (bounded, LRU).
+_STAGE_MEMORY: OrderedDict = OrderedDict()
+
+
+def stage_cache(store: ObjectStore, settings: Settings | None = None) -> MirroredStageCache:
+    """A per-job view (its own hit counters) of this process's stage cache."""
+    settings = settings or get_settings()
+    return MirroredStageCache(Path(settings.cache_dir), store if settings.cache_mirror else None, _STAGE_MEMORY)
+
+
 def engine_cache_dir(settings: Settings) -> Path:
     return Path(settings.cache_dir) / "engine"
 
@@ -135,7 +175,7 @@ def pull_engine_cache(store: ObjectStore, settings: Settings) -> set[str]:
         have = _local_files(root)
         for key, _size in store.list("cache"):
             rel = key[len("cache/"):]
-            if not rel.startswith("features/") and rel not in have:
+            if not rel.startswith(("features/", "stages/")) and rel not in have:  # those: lazily
                 try:
                     _fetch(store, key, root / rel)
                 except Exception as exc:

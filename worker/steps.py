@@ -12,7 +12,7 @@ from app.db import new_session, utcnow
 from app.models import Dataset, Encoder, EncoderStatus, JobStatus
 from worker.resources import (
     check_uploaded_encoder, engine_cache_dir, feature_cache, load_job_dataset, load_job_encoder, pull_engine_cache,
-    push_engine_cache, store_encoder_dir,
+    push_engine_cache, stage_cache, store_encoder_dir,
 )
 from worker.runner import JobRun
 
@@ -42,7 +42,7 @@ def run_engine(run: JobRun, encoder, dataset):
         encoder=encoder, dataset=dataset, attack=job.attack, epsilon=job.epsilon, beta=job.beta,
         params=job.params or {}, seed=job.seed, device=job.device, head=job.head,
         cache=feature_cache(run.store, run.settings), cache_dir=engine_cache_dir(run.settings),
-        progress=run.progress,
+        stage_cache=stage_cache(run.store, run.settings), progress=run.progress,
     )
     push_engine_cache(run.store, run.settings, before)
     return result

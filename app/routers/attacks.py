@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from attacks.catalogue import CATALOGUE, AttackInfo, UnknownAttackError, get_attack
-from app.problems import Problem
+from app.problems import Problem, problem_responses
 from app.schemas import AttackPublic, AttacksPublic
 
-router = APIRouter(prefix="/v1/attacks", tags=["attacks"])
+router = APIRouter(prefix="/v1/attacks", tags=["attacks"], responses=problem_responses(404))
 
 
 def attack_public(a: AttackInfo) -> AttackPublic:

@@ -12,10 +12,10 @@ from app import jobs as service
 from app.deps import JobDep, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.downloads import download
 from app.models import Artifact
-from app.problems import Problem
+from app.problems import Problem, problem_responses
 from app.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401, 404, 409, 422, 503))
 
 POISONED_SET = "poisoned_set.npz"
 
@@ -38,12 +38,13 @@ def list_jobs(
     attack: str | None = None,
     encoder: uuid.UUID | None = None,
     kind: Literal["attack", "pretrain"] | None = None,
+    audit: uuid.UUID | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> JobsPublic:
     """List your jobs, newest first, with filters and cursor pagination."""
     rows, count, next_cursor = service.list_jobs(session, team, status=status, attack=attack, encoder=encoder,
-                                                 kind=kind, limit=limit, cursor=cursor)
+                                                 kind=kind, audit=audit, limit=limit, cursor=cursor)
     arts = service.artifacts_of(session, [j.id for j in rows])
     return JobsPublic(data=[service.job_public(j, arts[j.id]) for j in rows], count=count, next_cursor=next_cursor)
 

@@ -8,7 +8,7 @@ from sqlalchemy import create_engine, inspect
 from app.migrate import alembic_config, downgrade_schema, upgrade_schema
 from app.models import Base
 
-TABLES = {"team", "api_key", "encoder", "dataset", "job", "artifact"}
+TABLES = {"team", "api_key", "encoder", "dataset", "job", "artifact", "audit"}
 
 
 def _roundtrip(url):
@@ -54,3 +54,51 @@ def test_single_head():
     from alembic.script import ScriptDirectory
 
     assert len(ScriptDirectory.from_config(alembic_config()).get_heads()) == 1
+
+
+def _existing_jobs_survive_0002(url):
+    """A database at 0001 with a job: 0002 adds the audit table and a null audit_id; down and up again."""
+    import uuid as _uuid
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+
+    upgrade_schema(url, "0001")
+    eng = create_engine(url)
+    team, job = _uuid.uuid4(), _uuid.uuid4()
+    now = datetime.now(timezone.utc)
+    try:
+        from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Uuid, column, insert, table
+
+        t_team = table("team", column("id", Uuid()), column("name", String()), column("created_at", DateTime(True)))
+        t_job = table("job", *(column(n, ty) for n, ty in [
+            ("id", Uuid()), ("team_id", Uuid()), ("kind", String()), ("status", String()), ("dataset", String()),
+            ("seed", Integer()), ("device", String()), ("params", JSON()), ("queue", String()),
+            ("cancel_requested", Boolean()), ("attempts", Integer()), ("max_attempts", Integer()),
+            ("created_at", DateTime(True))]))
+        with eng.begin() as c:
+            c.execute(insert(t_team).values(id=team, name="m", created_at=now))
+            c.execute(insert(t_job).values(id=job, team_id=team, kind="attack", status="succeeded", dataset="digits",
+                                           seed=0, device="cpu", params={}, queue="cpu", cancel_requested=False,
+                                           attempts=1, max_attempts=2, created_at=now))
+        upgrade_schema(url)
+        assert "audit" in inspect(eng).get_table_names()
+        with eng.connect() as c:
+            assert c.execute(text("SELECT audit_id FROM job")).scalar_one() is None
+        downgrade_schema(url, "0001")
+        assert "audit" not in inspect(eng).get_table_names()
+        assert "audit_id" not in {col["name"] for col in inspect(eng).get_columns("job")}
+        upgrade_schema(url)
+        with eng.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM job")).scalar_one() == 1
+    finally:
+        eng.dispose()
+
+
+def test_0002_keeps_existing_jobs_sqlite(tmp_path):
+    _existing_jobs_survive_0002(f"sqlite:///{tmp_path / 'm2.sqlite'}")
+
+
+@pytest.mark.integration
+def test_0002_keeps_existing_jobs_postgres(pg_databases):
+    _existing_jobs_survive_0002(pg_databases())

@@ -1,0 +1,153 @@
+"""A small typed client of the poisonaudit API (httpx; no torch).
+
+    from app.client import Client
+    with Client("http://127.0.0.1:8000", api_key) as c:
+        job = c.submit_job(encoder=enc_id, dataset="digits", attack="gradpc")
+        job = c.wait_job(job.id, on_progress=lambda j: print(j.progress.fraction))
+        c.download_poisoned_set(job.id, "poisoned.npz")
+        audit = c.wait_audit(c.submit_audit(encoder=enc_id, dataset="digits", attacks=[{"name": "gradpc"}],
+                                            epsilons=[0.03, 0.1]).id)
+        print(audit.table.summary)
+
+Responses are the server's own pydantic schemas (:mod:`app.schemas`). Every HTTP error
+raises :class:`ApiError` carrying the problem details.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+from app.schemas import AuditCreate, AuditPublic, AuditsPublic, JobCreate, JobPublic, JobsPublic
+
+FINISHED = ("succeeded", "failed", "cancelled")
+AUDIT_FINISHED = ("succeeded", "failed", "cancelled", "partial")
+
+
+class ApiError(Exception):
+    """An HTTP error answer; ``problem`` is its RFC 7807 body (or a stand-in built from the text)."""
+
+    def __init__(self, status: int, problem: dict[str, Any]):
+        self.status = status
+        self.problem = problem
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        p = self.problem
+        lines = [f"HTTP {self.status} {p.get('title', '')}: {p.get('detail', '')}".rstrip(": ")]
+        for err in p.get("errors") or []:
+            lines.append(f"  {err.get('field')}: {err.get('message')}")
+        if p.get("valid"):
+            lines.append(f"  valid: {', '.join(map(str, p['valid']))}")
+        return "\n".join(lines)
+
+
+class WaitTimeout(TimeoutError):
+    pass
+
+
+class Client:
+    """``base_url`` and ``api_key`` default to POISONAUDIT_URL and POISONAUDIT_API_KEY."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None):
+        base_url = base_url or os.environ.get("POISONAUDIT_URL") or "http://127.0.0.1:8000"
+        api_key = api_key or os.environ.get("POISONAUDIT_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        r = self.http.request(method, path, **kw)
+        if r.status_code >= 400:
+            try:
+                problem = r.json()
+                if not isinstance(problem, dict):
+                    raise ValueError
+            except ValueError:
+                problem = {"title": r.reason_phrase, "detail": r.text[:500]}
+            raise ApiError(r.status_code, problem)
+        return r
+
+    # ---------------------------------------------------------------- jobs
+    def submit_job(self, *, idempotency_key: str | None = None, **body: Any) -> JobPublic:
+        """Fields of :class:`app.schemas.JobCreate` (encoder, dataset, attack, epsilon, beta, params, ...)."""
+        payload = JobCreate(**body).model_dump(mode="json", exclude_unset=True)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return JobPublic.model_validate(self._request("POST", "/v1/jobs", json=payload, headers=headers).json())
+
+    def get_job(self, job_id: uuid.UUID | str) -> JobPublic:
+        return JobPublic.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def list_jobs(self, **filters: Any) -> JobsPublic:
+        return JobsPublic.model_validate(self._request("GET", "/v1/jobs", params=filters).json())
+
+    def cancel_job(self, job_id: uuid.UUID | str) -> JobPublic:
+        return JobPublic.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def wait_job(self, job_id: uuid.UUID | str, *, on_progress: Callable[[JobPublic], None] | None = None,
+                 poll_s: float = 1.0, timeout_s: float | None = None) -> JobPublic:
+        """Polls until the job has finished (succeeded, failed or cancelled); returns it."""
+        return self._wait(lambda: self.get_job(job_id), FINISHED, on_progress, poll_s, timeout_s, f"job {job_id}")
+
+    def download_poisoned_set(self, job_id: uuid.UUID | str, path: str | os.PathLike) -> Path:
+        """Saves the poisoned set (npz). A presigned-URL redirect is followed without the API key."""
+        r = self._request("GET", f"/v1/jobs/{job_id}/poisoned-set", follow_redirects=False)
+        path = Path(path)
+        if r.is_redirect:
+            with httpx.stream("GET", r.headers["location"], timeout=self.http.timeout) as s:
+                if s.status_code >= 400:
+                    raise ApiError(s.status_code, {"title": "download failed", "detail": s.read().decode(errors="replace")[:500]})
+                with open(path, "wb") as fh:
+                    for chunk in s.iter_bytes():
+                        fh.write(chunk)
+        else:
+            path.write_bytes(r.content)
+        return path
+
+    # ---------------------------------------------------------------- audits
+    def submit_audit(self, **body: Any) -> AuditPublic:
+        """Fields of :class:`app.schemas.AuditCreate` (encoder, dataset, attacks, epsilons, betas, seeds, ...)."""
+        payload = AuditCreate(**body).model_dump(mode="json", exclude_unset=True)
+        return AuditPublic.model_validate(self._request("POST", "/v1/audits", json=payload).json())
+
+    def get_audit(self, audit_id: uuid.UUID | str) -> AuditPublic:
+        return AuditPublic.model_validate(self._request("GET", f"/v1/audits/{audit_id}").json())
+
+    def list_audits(self, **params: Any) -> AuditsPublic:
+        return AuditsPublic.model_validate(self._request("GET", "/v1/audits", params=params).json())
+
+    def cancel_audit(self, audit_id: uuid.UUID | str) -> AuditPublic:
+        return AuditPublic.model_validate(self._request("POST", f"/v1/audits/{audit_id}/cancel").json())
+
+    def wait_audit(self, audit_id: uuid.UUID | str, *, on_progress: Callable[[AuditPublic], None] | None = None,
+                   poll_s: float = 2.0, timeout_s: float | None = None) -> AuditPublic:
+        """Polls until every job of the audit has finished; returns the audit with its table."""
+        return self._wait(lambda: self.get_audit(audit_id), AUDIT_FINISHED, on_progress, poll_s, timeout_s,
+                          f"audit {audit_id}")
+
+    @staticmethod
+    def _wait(get, done, on_progress, poll_s, timeout_s, what):
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            obj = get()
+            if on_progress is not None:
+                on_progress(obj)
+            if obj.status in done:
+                return obj
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"{what} still {obj.status} after {timeout_s}s")
+            time.sleep(poll_s)
