@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHES = ["gc_feature", "evaluation"]
+BENCHES = ["gc_feature", "evaluation", "input_space"]
 
 
 def main(argv=None) -> int:
