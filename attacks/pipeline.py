@@ -6,6 +6,11 @@
 4. Evaluation: retrain the head from the same seed on f(mu) + f(nu) -- only
    f(nu) is new, one encoder pass over the poisons -- and report clean accuracy,
    poisoned accuracy and the drop on the test set, with poison statistics.
+5. Defences (:mod:`attacks.defences`, on by default, ``defences=False`` skips
+   them): the L_inf, k-NN and spectral-signature filters on the same poisoned
+   training set, each with the head retrained on what it keeps, in
+   ``metrics["defences"]``. Not for parameter attacks (GradPC: no poisons) nor
+   attacks that evaluate themselves (end-to-end training).
 
 ``run_job`` validates every parameter before any work starts and never returns
 a NaN: non-finite values raise :class:`attacks.errors.AttackDiverged`.
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from attacks.catalogue import HeadRecipe, JobOptions, validate_job
+from attacks.defences import DefenceConfig, run_defences
 from attacks.errors import AttackDiverged
 from attacks.features import FeatureCache, extract_features, resolve_device
 from attacks.head import Head, accuracy, train_head
@@ -246,11 +252,15 @@ def run_job(
     cache_dir: str | Path | None = None,
     cache: FeatureCache | None = None,
     progress: ProgressFn | None = None,
+    defences: bool | DefenceConfig = True,
     stage_cache=None,
 ) -> JobResult:
     """Run one audit job end to end. Raises before any work on invalid parameters
-    (catalogue.UnknownAttackError, pydantic.ValidationError, ValueError)."""
+    (catalogue.UnknownAttackError, pydantic.ValidationError, ValueError).
+    ``defences``: True runs :mod:`attacks.defences` with its defaults, a
+    DefenceConfig with those parameters, False skips them."""
     opts, attack_params = validate_job(attack, epsilon, beta, params, seed, device, head)
+    defence_config = DefenceConfig() if defences is True else (defences or None)
     torch.manual_seed(opts.seed)
     report = progress or (lambda s, f: None)
     timings: dict[str, float] = {}
@@ -268,7 +278,7 @@ def run_job(
     )
     timings["attack"] = time.perf_counter() - t0
 
-    metrics = _evaluate(ctx, out, opts, timings, report)
+    metrics = _evaluate(ctx, out, opts, timings, report, defence_config)
     if out.evaluation is not None:
         clean_acc = float(out.evaluation["clean_accuracy"])
     metrics.update(
@@ -291,6 +301,7 @@ def run_job(
         feature_cache={"hits": cache.hits, "misses": cache.misses},
         **({"stage_cache": stage_cache.stats()} if stage_cache is not None else {}),
         **scenario_of(encoder, dataset),
+        versions=_versions(),
     )
     timings["total"] = time.perf_counter() - t_start
     metrics["stage_seconds"] = timings
@@ -301,7 +312,18 @@ def run_job(
     return JobResult(metrics=metrics, poisons=poisons)
 
 
-def _evaluate(ctx: AttackContext, out: AttackOutput, opts: JobOptions, timings: dict, report) -> dict:
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("poisonaudit")
+    except PackageNotFoundError:
+        own = None
+    return {"torch": torch.__version__, "poisonaudit": own}
+
+
+def _evaluate(ctx: AttackContext, out: AttackOutput, opts: JobOptions, timings: dict, report,
+              defences: DefenceConfig | None = None) -> dict:
     x = ctx.dataset.x_train
     lo, hi = float(x.min()), float(x.max())
     metrics: dict[str, Any] = dict(out.extra)
@@ -344,8 +366,16 @@ def _evaluate(ctx: AttackContext, out: AttackOutput, opts: JobOptions, timings: 
         metrics["poisoned_accuracy"] = accuracy(poisoned_head, ctx.Z_test, ctx.y_test)
         metrics["poisoned_train_accuracy"] = accuracy(poisoned_head, ctx.Z_train, ctx.y_train)
         metrics["n_poisons"] = int(Zp.shape[0])
+        if defences is not None:
+            t1 = time.perf_counter()
+            metrics["defences"] = run_defences(
+                Zclean, yclean, Zp, out.poison_labels, ctx.Z_test, ctx.y_test, ctx.dataset.num_classes, ctx.recipe,
+                opts.seed, poisons=out.poisons, clean_range=(lo, hi), config=defences,
+                undefended_accuracy=metrics["poisoned_accuracy"], progress=report,
+            )
+            timings["defences"] = time.perf_counter() - t1
     base = x[out.base_index] if (out.base_index is not None and out.poisons is not None) else None
     metrics["poison_stats"] = poison_statistics(out.poisons, base, fnu, out.zeta, lo, hi)
-    timings["evaluation"] = time.perf_counter() - t0
+    timings["evaluation"] = time.perf_counter() - t0 - timings.get("defences", 0.0)
     report("evaluation", 1.0)
     return metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import NamedTuple
 
 from sqlalchemy import update
 
@@ -33,7 +34,14 @@ def load_inputs(run: JobRun):
     return encoder, dataset
 
 
-def run_engine(run: JobRun, encoder, dataset):
+class EngineOutput(NamedTuple):
+    """What run_engine hands to store_result: the engine's JobResult and the PNG figures drawn from it."""
+
+    result: object
+    figures: dict[str, bytes]
+
+
+def run_engine(run: JobRun, encoder, dataset) -> EngineOutput:
     from attacks.pipeline import run_job
 
     job = run.job
@@ -45,14 +53,39 @@ def run_engine(run: JobRun, encoder, dataset):
         stage_cache=stage_cache(run.store, run.settings), progress=run.progress,
     )
     push_engine_cache(run.store, run.settings, before)
-    return result
+    return EngineOutput(result, job_figures(result, dataset))
 
 
-def store_result(run: JobRun, result) -> None:
+def job_figures(result, dataset) -> dict[str, bytes]:
+    """For a job with poisons in pixel space: the examples figure and the L_inf histogram.
+    A figure that cannot be drawn is logged and left out; the job's result stands."""
+    if result.poisons is None or len(result.poisons) == 0:
+        return {}
+    try:
+        from attacks import figures
+
+        x = dataset.x_train
+        lo, hi = float(x.min()), float(x.max())
+        p = result.poisons
+        return {
+            "figure-examples.png": figures.examples_figure(x[p.base_index], p.x, clean_range=(lo, hi)),
+            "figure-linf-histogram.png": figures.linf_histogram(p.x, (lo, hi), clean=x[p.base_index]),
+        }
+    except Exception:
+        log.exception("could not draw the figures")
+        return {}
+
+
+def store_result(run: JobRun, out: EngineOutput) -> None:
+    result, figures = out
     arts = []
     if result.poisons is not None:
         path = result.poisons.save_npz(run.tmp / "poisoned_set.npz")
         arts.append(run.put_artifact("poisoned_set.npz", path, "application/octet-stream"))
+    for name, png in figures.items():
+        path = run.tmp / name
+        path.write_bytes(png)
+        arts.append(run.put_artifact(name, path, "image/png"))
     arts.append(run.put_artifact("result.json", run.write_json("result.json", result.metrics), "application/json"))
     run.finish(JobStatus.succeeded, metrics=result.metrics, artifacts=arts, device_used=str(result.metrics.get("device")))
 

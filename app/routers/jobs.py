@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 
 from app import jobs as service
@@ -13,11 +14,14 @@ from app.deps import JobDep, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDe
 from app.downloads import download
 from app.models import Artifact
 from app.problems import Problem, problem_responses
+from app.report import CSP, render_job_report
 from app.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
+from app.storage import ObjectNotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401, 404, 409, 422, 503))
 
 POISONED_SET = "poisoned_set.npz"
+FIGURE_MAX_BYTES = 16 << 20
 
 
 @router.post("", status_code=202, response_model=JobPublic)
@@ -87,3 +91,18 @@ def download_artifact(job: JobDep, name: str, session: SessionDep, store: StoreD
 def download_poisoned_set(job: JobDep, session: SessionDep, store: StoreDep) -> Response:
     """The poisoned set as npz (x float32 NCHW, y int64, base_index int64)."""
     return download(store, _artifact(session, job, POISONED_SET))
+
+
+@router.get("/{job_id}/report", response_class=HTMLResponse, responses={200: {"content": {"text/html": {}}}})
+def read_job_report(job: JobDep, session: SessionDep, store: StoreDep) -> HTMLResponse:
+    """The job as one self-contained HTML page: results, defences, figures, parameters, provenance."""
+    arts = service.artifacts_of(session, [job.id])[job.id]
+    figures = {}
+    for a in arts:
+        if a.name.startswith("figure-") and a.content_type == "image/png" and a.size <= FIGURE_MAX_BYTES:
+            try:
+                figures[a.name] = b"".join(store.open(a.key))
+            except ObjectNotFound:
+                pass  # listed but gone from the store: the page says which figures it has
+    page = render_job_report(service.job_public(job, arts).model_dump(mode="json"), figures)
+    return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})

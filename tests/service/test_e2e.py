@@ -139,7 +139,11 @@ def test_feature_matching_end_to_end(a, stack):
     assert job["status"] == "succeeded", job["error"]
     assert job["worker"].startswith("w1@") and job["device_used"] == "cpu" and job["progress"]["fraction"] == 1.0
     assert job["metrics"]["n_poisons"] == 43 and 0 <= job["metrics"]["poisoned_accuracy"] <= 1
-    assert {x["name"] for x in job["artifacts"]} == {"poisoned_set.npz", "result.json", "log.txt"}
+    assert {x["name"] for x in job["artifacts"]} == {"poisoned_set.npz", "result.json", "log.txt",
+                                                     "figure-examples.png", "figure-linf-histogram.png"}
+    report = a.get(f"/v1/jobs/{job['id']}/report")
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert report.text.count('src="data:image/png;base64,') == 2 and 'id="defences-table"' in report.text
 
     r = a.get(f"/v1/jobs/{job['id']}/poisoned-set")
     assert r.status_code == 307  # a short-lived presigned URL on S3
@@ -172,7 +176,7 @@ def test_cancel_a_long_job(a, stack):
 
 def test_tenancy(a, b, stack):
     jid = stack["job"]
-    for path in (f"/v1/jobs/{jid}", f"/v1/jobs/{jid}/poisoned-set", f"/v1/jobs/{jid}/artifacts",
+    for path in (f"/v1/jobs/{jid}", f"/v1/jobs/{jid}/poisoned-set", f"/v1/jobs/{jid}/artifacts", f"/v1/jobs/{jid}/report",
                  f"/v1/encoders/{stack['encoder']}"):
         r = b.get(path)
         assert r.status_code == 404, path

@@ -71,8 +71,13 @@ def test_run_job_succeeds_and_stores_artifacts(env):
     assert job.metrics["n_poisons"] > 0 and job.device_used == "cpu" and job.progress_fraction == 1.0
     assert job.started_at <= job.finished_at and job.duration_s > 0
     arts = _artifacts(jid)
-    assert set(arts) == {"poisoned_set.npz", "result.json", "log.txt"}
+    assert set(arts) == {"poisoned_set.npz", "result.json", "log.txt", "figure-examples.png",
+                         "figure-linf-histogram.png"}
     store = env["store"]
+    for name in ("figure-examples.png", "figure-linf-histogram.png"):
+        assert arts[name].content_type == "image/png"
+        assert store.local_path(arts[name].key).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(job.metrics["defences"]) == {"linf", "knn", "spectral"}
     path = store.local_path(arts["poisoned_set.npz"].key)
     with np.load(path) as z:
         assert z["x"].shape == (job.metrics["n_poisons"], 1, 8, 8) and z["x"].dtype == np.float32
