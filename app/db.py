@@ -48,6 +48,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 _engines: dict[str, Engine] = {}
+POOL_SIZE = 20
+POOL_MAX_OVERFLOW = 20
 
 
 def engine_for(url: str) -> Engine:
@@ -59,7 +61,12 @@ def engine_for(url: str) -> Engine:
             event.listen(eng, "connect", _sqlite_pragmas)
         else:
             connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
-            eng = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+            # The API runs its sync routes on anyio's thread pool (40 threads): with SQLAlchemy's
+            # default pool (5 kept + 10 overflow, overflow closed on return) any concurrency above
+            # 5 opened and closed a server connection per request (bench/load.py counts them).
+            # 20 kept + 20 overflow covers the thread pool; a worker process uses one or two.
+            eng = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW,
+                                connect_args=connect_args)
         eng = _engines.setdefault(url, eng)
     return eng
 

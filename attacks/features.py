@@ -40,7 +40,35 @@ def autocast_for(device: torch.device, enabled: bool):
     return nullcontext()
 
 
-@torch.no_grad()
+def _device_batches(x: torch.Tensor, batch_size: int, device: torch.device):
+    """Yields (start, batch on device). On CUDA the next batch is staged through pinned
+    memory and copied on a side stream while the current one computes (one batch ahead,
+    so host memory stays bounded by the batch size); elsewhere the batches are views."""
+    n = x.shape[0]
+    if device.type != "cuda":
+        for i in range(0, n, batch_size):
+            yield i, x[i : i + batch_size].to(device)
+        return
+    copy_stream = torch.cuda.Stream(device)
+    compute = torch.cuda.current_stream(device)
+
+    def stage(i: int) -> torch.Tensor:
+        xb = x[i : i + batch_size]
+        if xb.device.type == "cpu" and not xb.is_pinned():
+            xb = xb.pin_memory()
+        with torch.cuda.stream(copy_stream):
+            return xb.to(device, non_blocking=True)
+
+    nxt = stage(0)
+    for i in range(0, n, batch_size):
+        compute.wait_stream(copy_stream)
+        cur = nxt
+        cur.record_stream(compute)  # its memory is not reused before the compute stream is done with it
+        if i + batch_size < n:
+            nxt = stage(i + batch_size)
+        yield i, cur
+
+
 def extract_features(
     encoder: torch.nn.Module,
     x: torch.Tensor,
@@ -51,22 +79,24 @@ def extract_features(
     progress: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """f(x) for a whole set, batch by batch. x stays where it is (usually CPU);
-    only one batch at a time is on ``device``. Returns float32 (N, d) on CPU."""
+    only one batch at a time (two on CUDA: the next is prefetched) is on ``device``.
+    The encoder runs under inference mode. Returns float32 (N, d) on CPU (pinned
+    on CUDA, filled by asynchronous copies that are waited for before returning)."""
     device = resolve_device(device)
     n = x.shape[0]
     out: torch.Tensor | None = None
-    for i in range(0, n, batch_size):
-        xb = x[i : i + batch_size].to(device, non_blocking=True)
-        with autocast_for(device, amp):
+    for i, xb in _device_batches(x, batch_size, device):
+        with torch.inference_mode(), autocast_for(device, amp):
             zb = encoder(xb)
-        zb = zb.float().cpu()
-        if out is None:
-            out = torch.empty(n, zb.shape[1], dtype=torch.float32)
-        out[i : i + zb.shape[0]] = zb
+        if out is None:  # allocated outside inference mode: the features may enter autograd later
+            out = torch.empty(n, zb.shape[1], dtype=torch.float32, pin_memory=device.type == "cuda")
+        out[i : i + zb.shape[0]].copy_(zb, non_blocking=device.type == "cuda")
         if progress:
             progress(min(i + batch_size, n) / n)
     if out is None:
         raise ValueError("cannot extract features of an empty set")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     if not torch.isfinite(out).all():
         raise FloatingPointError("the encoder produced non-finite features")
     return out

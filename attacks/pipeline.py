@@ -148,12 +148,12 @@ def prepare(
 ) -> AttackContext:
     """Stages shared by every attack: frozen encoder on device, cached features, clean head
     (through ``stage_cache``, an :class:`attacks.stage_cache.StageCache`, when given)."""
-    from attacks.encoders import freeze
+    from attacks.encoders import freeze, place
 
     report = progress or (lambda s, f: None)
     timings = timings if timings is not None else {}
     dev = resolve_device(device)
-    encoder = freeze(encoder).to(dev)
+    encoder = place(freeze(encoder), dev)  # channels-last convolutions on CUDA
     cache = cache or FeatureCache()
     t0 = time.perf_counter()
     fp = encoder.fingerprint()  # hashes every weight: once per job

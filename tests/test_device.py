@@ -1,0 +1,105 @@
+"""Device readiness: device selection, bf16 autocast tolerance, channels-last layout.
+
+What can be checked without a GPU is checked here: the bf16 autocast path on the
+CPU (the same autocast machinery and bf16 rounding as on CUDA), the layout change
+channels-last makes (CUDA uses it for convolutions), and a clear error for 'cuda'
+without CUDA. The CUDA-only comparisons skip without a GPU; the suite never needs one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks.encoders import EncoderSpec, build_encoder, freeze, place
+from attacks.feature_matching import match_features
+from attacks.features import extract_features, resolve_device
+
+# bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 2e-3 per op); through a
+# few conv-BN-ReLU layers the features stay within 1e-2 relative (measured: small_cnn
+# 3e-3, resnet18 7.5e-3). Float32 layout changes stay at rounding level (~1e-6).
+BF16_FEATURE_RTOL = 2e-2
+LAYOUT_RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    enc = freeze(build_encoder(EncoderSpec(arch="small_cnn", in_channels=1, width=16)))
+    x = torch.rand(48, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    return enc, x
+
+
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda' requested but no CUDA device is available"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+
+
+@pytest.mark.parametrize("arch,shape", [("small_cnn", (1, 16, 16)), ("resnet18", (3, 32, 32))])
+def test_bf16_autocast_features_within_tolerance(arch, shape):
+    torch.manual_seed(0)
+    enc = freeze(build_encoder(EncoderSpec(arch=arch, in_channels=shape[0], width=16)
+                               if arch == "small_cnn" else EncoderSpec(arch=arch, in_channels=shape[0])))
+    x = torch.rand(32, *shape, generator=torch.Generator().manual_seed(1))
+    z32 = extract_features(enc, x, batch_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z16 = extract_features(enc, x, batch_size=16)
+    assert z16.dtype == torch.float32  # the cache always holds float32
+    assert 0 < _rel(z16, z32) < BF16_FEATURE_RTOL  # > 0: bf16 really ran
+
+
+def test_bf16_autocast_feature_matching_reaches_the_same_match(small):
+    """The poisons' trajectory moves with bf16 gradients; what the attack optimises
+    (the feature-matching error, measured in float32) stays within 5%."""
+    enc, x = small
+    zeta = extract_features(enc, x) + 0.5 * torch.randn(48, enc.feature_dim, generator=torch.Generator().manual_seed(2))
+    nu32 = match_features(enc, x, zeta, beta=0.25, steps=10, batch_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nu16 = match_features(enc, x, zeta, beta=0.25, steps=10, batch_size=16)
+    err32 = ((extract_features(enc, nu32) - zeta) ** 2).sum().item()
+    err16 = ((extract_features(enc, nu16) - zeta) ** 2).sum().item()
+    assert abs(err16 - err32) / err32 < 0.05
+
+
+def test_channels_last_changes_no_value():
+    torch.manual_seed(0)
+    enc = freeze(build_encoder(EncoderSpec(arch="resnet18", in_channels=3)))
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    z = extract_features(enc, x)
+    assert not enc.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    place(enc, "cpu")  # automatic: no layout change on the CPU for resnets
+    assert not enc.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    place(enc, "cpu", channels_last=True)  # what CUDA gets by default
+    assert enc.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(extract_features(enc, x), z) < LAYOUT_RTOL
+
+
+def test_extraction_is_chunked_and_exact(small):
+    enc, x = small
+    z = extract_features(enc, x, batch_size=7)  # a ragged last batch
+    with torch.no_grad():
+        ref = enc(x)
+    assert torch.allclose(z, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.is_inference(z) and not z.requires_grad  # usable in autograd afterwards
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp,rtol", [(False, 1e-3), (True, BF16_FEATURE_RTOL)])
+def test_cuda_features_match_the_cpu(small, amp, rtol):
+    """fp32 on CUDA (TF32 convolutions allowed) within 1e-3 of the CPU; bf16 within 2e-2."""
+    enc, x = small
+    z_cpu = extract_features(enc, x, batch_size=16)
+    gpu = place(freeze(build_encoder(enc.spec)), "cuda")
+    gpu.load_state_dict(enc.state_dict())
+    z_gpu = extract_features(gpu, x, batch_size=16, device="cuda", amp=amp)
+    assert z_gpu.device.type == "cpu" and z_gpu.dtype == torch.float32
+    assert _rel(z_gpu, z_cpu) < rtol
