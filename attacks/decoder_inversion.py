@@ -30,8 +30,9 @@ skip's size, concatenation with the skip, two conv3x3-BN-ReLU. Then a conv3x3-Re
 a bilinear resize to the dataset's own (H, W) (antialiased when shrinking) -- the
 encoder may resize internally, e.g. 8x8 digits into a 28x28 input -- and a conv3x3
 to the dataset's C channels, mapped into the clean data range [lo, hi] (min and
-max of the training pixels) by lo + (hi - lo) * sigmoid. The architecture is read
-off one probing forward pass, so it fits small_cnn and the resnets alike.
+max of the training pixels) by lo + (hi - lo) * sigmoid, its bias initialised at the
+mean clean pixel. The architecture is read off one probing forward pass, so it fits
+small_cnn and the resnets alike (vit_b_16 has no skip maps: EncoderError).
 
 Injection of zeta [D]: zeta (n, d) is pooled while the bottleneck is a map (n, d, h, w).
 The decoder sees map - mean_hw(map) + zeta: the map's spatial pattern from the base
