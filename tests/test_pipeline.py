@@ -24,12 +24,12 @@ TINY = {
 }
 
 
-def _in_clean_range(p, m):
-    lo, hi = m["poison_stats"]["clean_range"]
+def _in_clean_range(p, m, ds):
+    lo, hi = float(ds.x_train.min()), float(ds.x_train.max())
     return p.x.numel() == 0 or (p.x.min() >= lo and p.x.max() <= hi)
 
 
-def _emn_ball(p, m, ds=None):
+def _emn_ball(p, m, ds):
     return m["poison_stats"]["linf_to_base"]["max"] <= 8 / 255 + 1e-6 and p.x.min() >= 0 and p.x.max() <= 1
 
 
@@ -76,7 +76,7 @@ def test_contract(attack, tiny_encoder, digits_small, tmp_path):
         assert p is not None
         assert len(p) == n_expected - m.get("anomalies_removed", 0)
         if attack in CONSTRAINTS:
-            assert CONSTRAINTS[attack](p, m), (attack, m["poison_stats"])
+            assert CONSTRAINTS[attack](p, m, digits_small), (attack, m["poison_stats"])
         assert p.x.shape[1:] == digits_small.x_train.shape[1:] and p.x.dtype == torch.float32
         assert p.y.dtype == torch.int64 and p.base_index.dtype == torch.int64
         # clean-label: each poison carries the label of its base image
