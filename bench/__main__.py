@@ -1,12 +1,13 @@
-"""Run the benchmarks: `python -m bench [--device cpu|cuda] [--quick] [NAME ...]`."""
+"""Run the benchmarks: `python -m bench [--device cpu|cuda] [--quick] [--full-loop] [NAME ...]`."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
-BENCHES = ["gc_feature", "evaluation", "input_space"]
+BENCHES = ["gc_feature", "evaluation", "fm_throughput", "extraction", "memory", "load", "input_space"]
 
 
 def main(argv=None) -> int:
@@ -14,10 +15,16 @@ def main(argv=None) -> int:
     p.add_argument("names", nargs="*", choices=BENCHES + [[]], help=f"default: all of {BENCHES}")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="small sizes only")
+    p.add_argument("--full-loop", action="store_true",
+                   help="evaluation: run the encoder-in-the-loop side for all 100 epochs on the CPU too")
     args = p.parse_args(argv)
     for name in args.names or BENCHES:
-        print(f"\n== {name} ==")
-        importlib.import_module(f"bench.{name}").run(device=args.device, quick=args.quick)
+        print(f"\n== {name} ==", flush=True)
+        run = importlib.import_module(f"bench.{name}").run
+        kwargs = dict(device=args.device, quick=args.quick)
+        if "full_loop" in inspect.signature(run).parameters:
+            kwargs["full_loop"] = args.full_loop
+        run(**kwargs)
     return 0
 
 

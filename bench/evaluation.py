@@ -6,18 +6,36 @@ poisonaudit computes f(train) once (the feature cache) and trains the head on
 the cached features. Both sides run the same SGD recipe for the same epochs
 with the same shuffle seed; the cached side's time includes extracting the
 features. The test accuracies are reported side by side to show they agree.
+
+The encoder is pre-trained first (SimCLR on mnist5k's training images, one
+epoch, seed 0: a minute or two on the CPU, then kept under ``.cache/bench/``),
+so that the accuracies mean something; a random encoder leaves both sides at
+chance. Head recipe: SGD, lr 1, momentum 0.9, batch 256 (at lr 0.1 without
+momentum the head barely moves on these features in 100 epochs).
+
+The reference protocol trains for 100 epochs. On CUDA both sides run all 100.
+On the CPU the encoder-in-the-loop side takes ~6 s an epoch, so by default it
+runs ``loop_epochs`` (10) epochs: the row at that count is a same-epochs
+measurement (both sides, both accuracies), and the 100-epoch row's
+encoder-in-the-loop time is *extrapolated* linearly from it (each epoch is the
+same work: one pass of f over the training set plus the SGD steps); that row
+is marked ``extrapolated`` and its cached side is measured. ``--full-loop``
+(``python -m bench evaluation --full-loop``) measures all 100 epochs on the CPU
+too.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from attacks.catalogue import HeadRecipe
-from attacks.encoders import EncoderSpec, build_encoder, freeze
+from attacks.encoders import EncoderSpec, freeze
 from attacks.features import extract_features
 from attacks.head import Head, accuracy, train_head
-from bench.common import device_name, table, timeit, write
+from bench.common import device_name, sync, table, timeit, write
 
 
 def encoder_in_loop(encoder, x, y, x_test, y_test, K, recipe: HeadRecipe, seed: int, device):
@@ -49,25 +67,69 @@ def cached(encoder, x, y, x_test, y_test, K, recipe: HeadRecipe, seed: int, devi
     return accuracy(head.to("cpu"), Zt, y_test)
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"
+
+
+def pretrained_encoder(ds, device, epochs: int = 1):
+    """small_cnn pre-trained with SimCLR on mnist5k (seed 0), kept under .cache/bench/ between runs."""
+    from attacks.encoders import load_encoder, save_encoder
+    from attacks.pretrain import SimCLRConfig, pretrain_simclr
+
+    path = CACHE / f"simclr_small_cnn_mnist5k_e{epochs}"
+    if (path / "encoder.json").exists():
+        print(f"(pre-trained encoder loaded from {path})")
+        return load_encoder(path)
+    spec = EncoderSpec(arch="small_cnn", in_channels=1)
+    enc = pretrain_simclr(spec, ds.x_train, SimCLRConfig(epochs=epochs, batch_size=256, seed=0, device=str(device)))
+    save_encoder(enc, path)
+    return enc
+
+
+def run(device: str = "cpu", quick: bool = False, full_loop: bool = False, loop_epochs: int = 10) -> list[dict]:
+    import time
+
     from attacks.data import load_dataset
+    from attacks.encoders import place
 
     dev = torch.device(device)
     ds = load_dataset("mnist5k")
-    torch.manual_seed(0)
-    encoder = freeze(build_encoder(EncoderSpec(arch="small_cnn", in_channels=1))).to(dev)
+    t0 = time.perf_counter()
+    encoder = place(freeze(pretrained_encoder(ds, dev)), dev)
+    t_pretrain = time.perf_counter() - t0
+    epochs_ref = 2 if quick else 100
+    measured = epochs_ref if (dev.type == "cuda" or full_loop) else min(2 if quick else loop_epochs, epochs_ref)
     rows = []
-    for epochs in ([2] if quick else [5, 20]):
-        recipe = HeadRecipe(optimizer="sgd", epochs=epochs, lr=0.1, batch_size=256)
-        args = (encoder, ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.num_classes, recipe, 0, dev)
-        acc_loop = encoder_in_loop(*args)
+
+    def recipe_for(epochs):
+        # lr 0.1 without momentum barely moves on these features (norm ~3.4): 0.48 test accuracy
+        # after 100 epochs. lr 1 with momentum 0.9 reaches 0.87 (L-BFGS: 0.89).
+        return HeadRecipe(optimizer="sgd", epochs=epochs, lr=1.0, momentum=0.9, batch_size=256)
+
+    def args_for(epochs):
+        return (encoder, ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.num_classes, recipe_for(epochs), 0, dev)
+
+    # Same epochs, both sides measured.
+    args = args_for(measured)
+    t0 = time.perf_counter()
+    acc_loop = encoder_in_loop(*args)
+    sync(dev)
+    t_loop = time.perf_counter() - t0
+    acc_cached = cached(*args)
+    t_cached = timeit(lambda: cached(*args), repeat=3, warmup=0, device=dev)
+    rows.append(dict(epochs=measured, encoder_in_loop_s=t_loop, cached_s=t_cached, speedup=t_loop / t_cached,
+                     acc_encoder_in_loop=acc_loop, acc_cached=acc_cached, loop_side="measured"))
+    if measured < epochs_ref:  # the reference count: cached measured, encoder in the loop extrapolated
+        args = args_for(epochs_ref)
         acc_cached = cached(*args)
-        t_loop = timeit(lambda: encoder_in_loop(*args), repeat=1, warmup=0, device=dev)
         t_cached = timeit(lambda: cached(*args), repeat=3, warmup=0, device=dev)
-        rows.append(
-            dict(dataset="mnist5k", encoder="small_cnn", epochs=epochs, encoder_in_loop_s=t_loop,
-                 cached_s=t_cached, speedup=t_loop / t_cached, acc_encoder_in_loop=acc_loop, acc_cached=acc_cached)
-        )
-    write("evaluation", rows, {"device": device_name(dev)})
-    print(table(rows, ["epochs", "encoder_in_loop_s", "cached_s", "speedup", "acc_encoder_in_loop", "acc_cached"]))
+        t_loop_x = t_loop * epochs_ref / measured
+        rows.append(dict(epochs=epochs_ref, encoder_in_loop_s=t_loop_x, cached_s=t_cached, speedup=t_loop_x / t_cached,
+                         acc_encoder_in_loop=None, acc_cached=acc_cached,
+                         loop_side=f"extrapolated from {measured} epochs"))
+    for r in rows:
+        r.update(dataset="mnist5k", encoder="small_cnn (SimCLR, 1 epoch)", target=50.0, met=r["speedup"] >= 50)
+    write("evaluation", rows, {"device": device_name(dev), "encoder_ready_s (pre-training, or loading the cached encoder)": t_pretrain,
+                               "recipe": "sgd lr 1.0, momentum 0.9, batch 256, seed 0"})
+    print(table(rows, ["epochs", "encoder_in_loop_s", "cached_s", "speedup", "acc_encoder_in_loop", "acc_cached",
+                       "loop_side"]))
     return rows

@@ -30,9 +30,10 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
     """Submit an audit job; it is queued and runs on a worker."""
-    job, _ = service.create_attack_job(session, queue, team, settings, body, idempotency_key)
+    job, created = service.create_attack_job(session, queue, team, settings, body, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return service.view(session, job)
+    # A job just created has no artifacts: no second query (and pool checkout) after the commit.
+    return service.job_public(job, []) if created else service.view(session, job)
 
 
 @router.get("", response_model=JobsPublic)
