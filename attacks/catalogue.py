@@ -125,6 +125,12 @@ class FeatureMatchingParams(GCFeatureParams):
         "rho = pull * gamma * gc_lr * cosine(t). 0 turns it off.",
     )
     fm_lr: float = Field(0.1, gt=0, le=100, description="Step size eta (paper: 0.1, cosine schedule).")
+    fm_optimizer: Literal["gd", "adam"] = Field(
+        "gd",
+        description="Forward step of the splitting: plain gradient (the paper) or Adam-preconditioned per "
+        "pixel (the step then moves each pixel by about eta, whatever the encoder's Jacobian scale); the "
+        "proximal step toward mu' is the same in both.",
+    )
     gamma: float = Field(1.0, gt=0, le=1e6, description="Weight of the feature-matching term (paper: 1).")
     normalize_features: bool = Field(
         True,

@@ -232,3 +232,21 @@ def test_gradient_canceling_with_pull_returns_the_pulled_iterate():
                                    pull_to=Z[:30], pull_weight=5.0)
     # the pull keeps zeta nearer the reachable features it is pulled to
     assert (pulled - Z[:30]).norm() < (free - Z[:30]).norm()
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "adam"])
+def test_feature_matching_moves_features_toward_zeta_independently_of_batching(tiny_encoder, digits_small, optimizer):
+    from attacks.feature_matching import match_features
+
+    base = digits_small.x_train[:12]
+    with torch.no_grad():
+        f0 = tiny_encoder(base)
+        zeta = tiny_encoder(digits_small.x_train[12:24])  # features of other images: reachable
+    kw = dict(beta=0.01, steps=25, lr=0.05 if optimizer == "adam" else 200.0, optimizer=optimizer)
+    nu = match_features(tiny_encoder, base, zeta, batch_size=12, **kw)
+    nu_b = match_features(tiny_encoder, base, zeta, batch_size=5, **kw)
+    torch.testing.assert_close(nu, nu_b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        before = ((f0 - zeta) ** 2).sum(1).mean()
+        after = ((tiny_encoder(nu) - zeta) ** 2).sum(1).mean()
+    assert after < 0.8 * before, (optimizer, before.item(), after.item())
