@@ -204,6 +204,8 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
         ctx.dataset.num_classes, ctx.recipe, seed,
     )
     info["zeta_poisoned_accuracy"] = accuracy(zeta_head, ctx.Z_test, ctx.y_test)
+    # ||f(mu') - zeta||^2 at the base images (cached features): where feature matching started from.
+    info["base_feature_error_mean"] = ((ctx.Z_train[base_idx].to(zeta) - zeta) ** 2).sum(1).mean().item()
     return dict(
         target=target,
         poisons=nu,
