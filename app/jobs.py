@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 
 from pydantic import ValidationError
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -156,12 +156,20 @@ def cancel(session: Session, job: Job) -> Job:
     if job.status in FINISHED:
         raise Problem(409, f"job {job.id} already {job.status}")
     now = utcnow()
-    if job.status == JobStatus.queued:
-        job.status = JobStatus.cancelled
-        job.finished_at = now
-        job.error = "cancelled before it started"
-    job.cancel_requested = True
+    # Conditional on the status in the database: a worker may have claimed the job since it was read.
+    res = session.execute(
+        update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.cancelled, finished_at=now, error="cancelled before it started",
+                cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        session.execute(
+            update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(cancel_requested=True)
+            .execution_options(synchronize_session=False)
+        )
     session.commit()
+    session.refresh(job)
     if job.kind == JobKind.pretrain and job.status == JobStatus.cancelled and job.encoder_id:
         enc = session.get(Encoder, job.encoder_id)
         if enc is not None and enc.status == EncoderStatus.pending:

@@ -201,7 +201,7 @@ class AuditAttack(_In):
 class AuditCreate(_In):
     """An audit: one job per attack x beta x epsilon x seed on one encoder and dataset."""
 
-    name: str = Field("", max_length=200)
+    name: str = Field("", max_length=200, pattern=r"^[^\x00]*$", description="Free text (no NUL).")
     encoder: uuid.UUID = Field(description="Id of one of your encoders (status ready).")
     dataset: str = Field(min_length=1, max_length=200, description="As for jobs: built-in, server-side or uploaded id.")
     attacks: list[AuditAttack] = Field(min_length=1, max_length=50)

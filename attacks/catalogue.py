@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "AttackInfo",
@@ -40,7 +40,8 @@ PAPER = (
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/NaN are never a valid parameter (and inf would not survive a JSON column)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class HeadRecipe(_Params):
@@ -257,6 +258,12 @@ class EMNParams(_Params):
         0.01, gt=0, le=10, description="End-to-end only: SGD learning rate of the encoder weights."
     )
     batch_size: int = Field(128, ge=1, le=65_536, description="Mini-batch size for model steps and PGD.")
+
+    @model_validator(mode="after")
+    def _batch_for_batchnorm(self):
+        if self.end_to_end and self.batch_size < 2:
+            raise ValueError("end_to_end trains BatchNorm layers and needs batch_size >= 2")
+        return self
 
 
 class DecoderInversionParams(GCFeatureParams):

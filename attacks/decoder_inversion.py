@@ -476,7 +476,7 @@ def trained_decoder(
     device = torch.device(device)
     x = dataset.x_train
     lo, hi = float(x.min()), float(x.max())
-    precision = "bf16" if (amp and device.type == "cuda") else "fp32"
+    precision = ("bf16" if (amp and device.type == "cuda") else "fp32") + ("" if device.type == "cpu" else f"-{device.type}")
     key = _cache_key(fingerprint or encoder.fingerprint(), dataset.content_hash, params, seed, precision)
     decoder = build_decoder(encoder, x[:1], params.decoder_width, lo, hi, seed, mean=float(x.mean()))
     cached = _load(key, cache_dir)

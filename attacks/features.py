@@ -113,8 +113,9 @@ class FeatureCache:
         self.misses = 0
 
     @staticmethod
-    def key(encoder_fingerprint: str, dataset_hash: str, split: str) -> str:
-        raw = f"{encoder_fingerprint}:{dataset_hash}:{split}".encode()
+    def key(encoder_fingerprint: str, dataset_hash: str, split: str, variant: str = "") -> str:
+        """variant: how the features were computed when that changes them (device kind, bf16)."""
+        raw = f"{encoder_fingerprint}:{dataset_hash}:{split}".encode() + (f":{variant}".encode() if variant else b"")
         return hashlib.sha256(raw).hexdigest()
 
     def path_for(self, key: str) -> Path | None:
@@ -157,7 +158,9 @@ class FeatureCache:
         progress: Callable[[float], None] | None = None,
     ) -> torch.Tensor:
         x = {"train": dataset.x_train, "test": dataset.x_test}[split]
-        key = self.key(fingerprint or encoder.fingerprint(), dataset.content_hash, split)
+        dev = torch.device(device)
+        variant = "" if dev.type == "cpu" and not amp else f"{dev.type}-{'amp' if amp else 'fp32'}"
+        key = self.key(fingerprint or encoder.fingerprint(), dataset.content_hash, split, variant)
         return self.get_or_compute(
             key,
             lambda: extract_features(

@@ -196,7 +196,9 @@ def drop_vs_epsilon(table: dict) -> bytes:
     clean = _stat(table.get("clean_accuracy"))
     ax.set_title("accuracy drop against epsilon" + (f" (clean {100 * clean[0]:.2f}%)" if clean else ""), fontsize=10)
     if drawn:
-        ax.legend(fontsize=8)
+        legend = ax.legend(fontsize=8)
+        for text in legend.get_texts():  # labels are user text: "$" must not start mathtext
+            text.set_parse_math(False)
     else:
         ax.text(0.5, 0.5, "no finished cells yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()

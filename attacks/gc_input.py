@@ -94,7 +94,8 @@ class ChunkedEncoder:
 
     def features_with_vjp(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """Single-chunk path: f(x) and a function C -> J_f(x)^T C reusing the same graph (once)."""
-        xb = x.to(self.device, torch.float32).requires_grad_(True)
+        # a copy: .to() would return x itself on the CPU, and x would then carry a graph across steps
+        xb = x.detach().to(self.device, torch.float32, copy=True).requires_grad_(True)
         f = self._f(xb)
 
         def vjp(cot: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class ChunkedEncoder:
         """J_f(x)^T cot for the whole set, one forward pass with grad and one backward per chunk."""
         out = torch.empty(x.shape, dtype=torch.float32)
         for i in range(0, x.shape[0], self.batch_size):
-            xb = x[i : i + self.batch_size].to(self.device, torch.float32).requires_grad_(True)
+            xb = x[i : i + self.batch_size].detach().to(self.device, torch.float32, copy=True).requires_grad_(True)
             f = self._f(xb)
             (g,) = torch.autograd.grad(f, xb, grad_outputs=cot[i : i + self.batch_size].to(f.device, f.dtype))
             out[i : i + self.batch_size] = g.cpu()

@@ -273,12 +273,14 @@ def run_job(
     clean_acc = accuracy(ctx.clean_head, ctx.Z_test, ctx.y_test)
 
     t0 = time.perf_counter()
-    out: AttackOutput = resolve(opts.attack)(
-        ctx, attack_params, epsilon=opts.epsilon, beta=opts.beta, seed=opts.seed, progress=report
-    )
-    timings["attack"] = time.perf_counter() - t0
-
-    metrics = _evaluate(ctx, out, opts, timings, report, defence_config)
+    try:
+        out: AttackOutput = resolve(opts.attack)(
+            ctx, attack_params, epsilon=opts.epsilon, beta=opts.beta, seed=opts.seed, progress=report
+        )
+        timings["attack"] = time.perf_counter() - t0
+        metrics = _evaluate(ctx, out, opts, timings, report, defence_config)
+    except FloatingPointError as e:  # a non-finite head or feature somewhere: one error type for callers
+        raise AttackDiverged(str(e)) from e
     if out.evaluation is not None:
         clean_acc = float(out.evaluation["clean_accuracy"])
     metrics.update(

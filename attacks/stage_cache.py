@@ -192,7 +192,7 @@ class StageCache:
         tensors, info = compute()
         seconds = time.perf_counter() - t0
         info_json = json.dumps({**info, "_seconds": seconds}, sort_keys=True)
-        stored = {k: v.detach().clone() for k, v in tensors.items()}
+        stored = {k: v.detach().cpu().clone() for k, v in tensors.items()}  # never pin device memory
         self._remember(key, stored, info_json)
         self._write(key, stored, info_json)
         self.events.append({"stage": stage, "hit": None, "seconds": seconds})

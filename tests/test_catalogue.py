@@ -83,3 +83,17 @@ def test_params_models_are_frozen():
     _, params = validate_job("feature_matching")
     with pytest.raises(ValidationError):
         params.fm_steps = 3
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_parameters_refused(bad):
+    with pytest.raises(ValidationError):
+        validate_job("gc_feature", params={"stop_loss": bad})
+    with pytest.raises(ValidationError):
+        validate_job("gradpc", head={"lr": bad})
+
+
+def test_emn_end_to_end_needs_two_images_per_batch():
+    with pytest.raises(ValidationError, match="batch_size >= 2"):
+        validate_job("emn", epsilon=1.0, params={"end_to_end": True, "batch_size": 1})
+    validate_job("emn", epsilon=1.0, params={"batch_size": 1})  # frozen: fine

@@ -103,3 +103,9 @@ def test_drop_vs_epsilon():
 def test_row_label():
     assert F.row_label({"attack": "fm", "beta": 0.25}) == "fm (beta 0.25)"
     assert F.row_label({"attack": "fm", "beta": 0.25, "label": "mine"}) == "mine"
+
+
+def test_drop_vs_epsilon_draws_labels_with_dollar_signs_as_text():
+    table = {**TABLE, "rows": [{**TABLE["rows"][0], "label": "$x^$ {odd}"}] + TABLE["rows"][1:]}
+    png = F.drop_vs_epsilon(table)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

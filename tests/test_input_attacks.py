@@ -334,3 +334,19 @@ def test_defaults_validate():
     assert validate_job("tgda_input")[1] == TGDAParams()
     with pytest.raises(ValueError, match="takes no beta"):
         validate_job("gc_input", beta=0.25)
+
+
+def test_poisons_never_carry_a_graph_and_the_caller_tensor_stays_a_leaf():
+    """Single-chunk CPU path: .to() would return the caller's tensor itself; it must be copied."""
+    from attacks.gc_input import ChunkedEncoder
+
+    torch.manual_seed(0)
+    from attacks.encoders import EncoderSpec, build_encoder, freeze
+
+    enc = freeze(build_encoder(EncoderSpec(arch="small_cnn", in_channels=1, width=4)))
+    x = torch.rand(5, 1, 8, 8)
+    ce = ChunkedEncoder(enc, batch_size=64, device="cpu")
+    f, vjp = ce.features_with_vjp(x)
+    g = vjp(torch.ones_like(f))
+    assert not x.requires_grad and x.grad_fn is None
+    assert g.shape == x.shape and not g.requires_grad

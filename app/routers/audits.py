@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -55,6 +57,10 @@ def read_audit_report(audit: AuditDep, session: SessionDep) -> HTMLResponse:
     from attacks.figures import drop_vs_epsilon
 
     public = service.view(session, audit).model_dump(mode="json")
-    figures = {"figure-drop-vs-epsilon.png": drop_vs_epsilon(public["table"])}
+    try:
+        figures = {"figure-drop-vs-epsilon.png": drop_vs_epsilon(public["table"])}
+    except Exception:  # a figure must never cost the page
+        logging.getLogger("app").exception("audit %s: drop-vs-epsilon figure failed", audit.id)
+        figures = {}
     return HTMLResponse(render_audit_report(public, figures),
                         headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -259,3 +260,45 @@ def test_openapi_operation_ids_are_the_handler_names(client):
     assert len(ids) == len(set(ids)) and {"create_audit", "read_audit", "create_job", "read_job"} <= set(ids)
     create = next(op for op in ops if op["operationId"] == "create_audit")
     assert create["responses"]["422"]["content"]["application/problem+json"]["schema"]["$ref"].endswith("/ProblemDetail")
+
+
+def test_cancel_never_overwrites_a_job_that_finished_after_it_was_read(client, session, team_a, ready_encoder,
+                                                                        monkeypatch):
+    """The cancel is conditional on the status in the database, not on what was read before."""
+    from app import audits as service
+
+    _, h = team_a
+    a = client.post("/v1/audits", json=_body(ready_encoder.id, seeds=[0], epsilons=[0.03]), headers=h).json()
+    real = service.jobs_of
+
+    def stale_then_finish(sess, ids):
+        from sqlalchemy import update
+
+        from app.models import Job
+
+        out = real(sess, ids)  # read: every job still queued ...
+        # ... but a worker finishes the first one meanwhile (a write the loaded objects do not see)
+        sess.execute(update(Job).where(Job.id == uuid.UUID(a["jobs"][0]["id"])).values(status="succeeded")
+                     .execution_options(synchronize_session=False))
+        sess.commit()
+        return out
+
+    monkeypatch.setattr(service, "jobs_of", stale_then_finish)
+    r = client.post(f"/v1/audits/{a['id']}/cancel", headers=h)
+    monkeypatch.setattr(service, "jobs_of", real)
+    assert r.status_code == 202, r.text
+    first = client.get(f"/v1/jobs/{a['jobs'][0]['id']}", headers=h).json()
+    assert first["status"] == "succeeded" and first["error"] is None
+    assert [j["status"] for j in client.get(f"/v1/audits/{a['id']}", headers=h).json()["jobs"][1:]] == ["cancelled"] * 3
+
+
+def test_nul_in_the_audit_name_is_a_422(client, team_a, ready_encoder):
+    _, h = team_a
+    _problem(client.post("/v1/audits", json={**_body(ready_encoder.id), "name": "a\u0000b"}, headers=h), 422)
+
+
+def test_infinite_parameter_is_a_422(client, team_a, ready_encoder):
+    _, h = team_a
+    body = _body(ready_encoder.id, attacks=[{"name": "gc_feature", "params": {"stop_loss": 1e999}}], betas=None)
+    _problem(client.post("/v1/audits", content=json.dumps(body).replace('"stop_loss": Infinity', '"stop_loss": 1e999'),
+                         headers={**h, "content-type": "application/json"}), 422)
