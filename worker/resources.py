@@ -44,9 +44,12 @@ def encoder_files(enc: Encoder) -> tuple[str, str]:
 
 
 def load_job_encoder(enc: Encoder, store: ObjectStore, settings: Settings):
-    """The encoder, from the local cache when its files (keyed by content hash) are there."""
+    """The encoder, from the local cache when its files are there.
+
+    Keyed by the encoder's id, not the checkpoint's content hash: two encoders may share
+    weights but not their spec, preprocessing or provenance (encoder.json)."""
     weights_key, meta_key = encoder_files(enc)
-    local = Path(settings.cache_dir) / "encoders" / (enc.sha256 or str(enc.id))
+    local = Path(settings.cache_dir) / "encoders" / str(enc.id)
     _fetch(store, weights_key, local / WEIGHTS_FILE)
     _fetch(store, meta_key, local / META_FILE)
     return load_encoder(local, max_bytes=settings.max_encoder_bytes)

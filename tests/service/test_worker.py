@@ -311,3 +311,28 @@ def test_reaper_requeues_then_fails_with_the_reason(env, configure):
     with new_session() as db:
         assert reap_stale_jobs(db, q, s) == {}
         assert reap_worker_orphans(db, q, "w@h") == {str(fresh): "requeued"}
+
+
+def test_encoders_sharing_weights_keep_their_own_spec_in_the_worker_cache(configure, store, tmp_path):
+    """Same checkpoint bytes (same sha256), different preprocessing: each job gets its own encoder."""
+    import uuid as _uuid
+    from types import SimpleNamespace
+
+    import torch
+
+    from app.settings import get_settings
+    from attacks.encoders import EncoderSpec, build_encoder, save_encoder
+    from worker.resources import load_job_encoder, store_encoder_dir
+
+    torch.manual_seed(0)
+    plain = build_encoder(EncoderSpec(arch="small_cnn", in_channels=1, width=4))
+    resized = build_encoder(EncoderSpec(arch="small_cnn", in_channels=1, width=4, input_size=28))
+    resized.load_state_dict(plain.state_dict())
+    team = _uuid.uuid4()
+    rows = []
+    for i, enc in enumerate((plain, resized)):
+        row = SimpleNamespace(id=_uuid.uuid4(), team_id=team, sha256="a" * 64)
+        store_encoder_dir(row, save_encoder(enc, tmp_path / f"e{i}"), store)
+        rows.append(row)
+    a, b = (load_job_encoder(r, store, get_settings()) for r in rows)
+    assert a.spec.input_size is None and b.spec.input_size == 28
