@@ -255,7 +255,7 @@ def _row_betas(audit: Audit, name: str) -> list[float | None]:
 def _same(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b  # floats round-trip exactly through JSON and double precision columns
 
 
 def build_table(audit: Audit, jobs: list[Job]) -> AuditTable:

@@ -194,6 +194,8 @@ def cmd_audit(args) -> int:
                 body = json.load(fh)
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"--spec: {exc}") from None
+        if not isinstance(body, dict):
+            raise UsageError(f"--spec must hold a JSON object (the POST /v1/audits body), not {type(body).__name__}")
     else:
         missing = [f"--{n}" for n in ("encoder", "dataset", "attack", "epsilon") if not getattr(args, n)]
         if missing:

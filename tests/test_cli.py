@@ -79,3 +79,11 @@ def test_missing_encoder_is_a_clear_error(tmp_path, capsys):
                  "--quiet", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_audit_spec_that_is_not_an_object_is_a_usage_error(tmp_path, capsys):
+    spec = tmp_path / "spec.json"
+    spec.write_text("[]")
+    rc = main(["audit", "--url", "http://127.0.0.1:9", "--api-key", "k", "--spec", str(spec)])
+    assert rc == 2
+    assert "--spec must hold a JSON object" in capsys.readouterr().err
