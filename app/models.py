@@ -169,6 +169,8 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     device_used: Mapped[str | None] = mapped_column(String(32))
     heartbeat_at: Mapped[datetime | None]
+    # When the job's message was last re-sent to the broker by the reaper (None: only at creation).
+    enqueued_at: Mapped[datetime | None]
 
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)

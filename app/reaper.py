@@ -1,6 +1,7 @@
 """A job never stays ``running`` forever: a running job whose heartbeat is older than
 ``heartbeat_timeout_s`` lost its worker. It is re-queued while attempts remain, and
-failed with the reason otherwise. Every transition is a conditional UPDATE, so
+failed with the reason otherwise. Nor ``queued`` forever: a queued job whose message
+was sent over ``queued_resend_s`` ago is sent again (:func:`resend_stale_queued`). Every transition is a conditional UPDATE, so
 several API replicas (or workers) may reap concurrently without double work.
 """
 
@@ -10,7 +11,7 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
@@ -27,7 +28,7 @@ def _lost(session: Session, job: Job, reason: str, queue: JobQueue, requeue_allo
     if job.cancel_requested:
         values, action = dict(status=JobStatus.cancelled, error=f"cancelled ({reason})", finished_at=now), "cancelled"
     elif requeue_allowed and job.attempts < job.max_attempts:
-        values = dict(status=JobStatus.queued, worker=None, heartbeat_at=None,
+        values = dict(status=JobStatus.queued, worker=None, heartbeat_at=None, enqueued_at=now,
                       error=f"{reason}; re-queued (attempt {job.attempts + 1} of {job.max_attempts})")
         action = "requeued"
     else:
@@ -54,6 +55,35 @@ def _lost(session: Session, job: Job, reason: str, queue: JobQueue, requeue_allo
             return None
     log.warning("job %s: %s -> %s", job.id, reason, action)
     return action
+
+
+def resend_stale_queued(session: Session, queue: JobQueue, settings: Settings) -> dict[str, str]:
+    """Queued jobs whose message was sent over ``queued_resend_s`` ago are sent again, so a lost
+    message never leaves a job queued forever. Returns {job id: "resent"}."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.queued_resend_s)
+    sent = func.coalesce(Job.enqueued_at, Job.created_at)
+    rows = list(session.scalars(select(Job).where(
+        Job.status == JobStatus.queued, Job.cancel_requested.is_(False), sent < cutoff).limit(500)))
+    session.rollback()
+    out = {}
+    for job in rows:
+        # claim the resend (several API replicas may run this pass at once)
+        claim = update(Job).where(Job.id == job.id, Job.status == JobStatus.queued,
+                                  func.coalesce(Job.enqueued_at, Job.created_at) < cutoff).values(enqueued_at=now)
+        if session.execute(claim).rowcount != 1:
+            session.rollback()
+            continue
+        session.commit()
+        try:
+            queue.enqueue_job(job.id, job.kind, job.queue)
+        except Exception as exc:  # broker down: the next pass after queued_resend_s tries again
+            log.error("job %s: re-sending its queued message failed: %s", job.id, exc)
+            continue
+        log.warning("job %s queued since %s without being picked up: message re-sent", job.id,
+                    (job.enqueued_at or job.created_at).isoformat(timespec="seconds"))
+        out[str(job.id)] = "resent"
+    return out
 
 
 def reap_stale_jobs(session: Session, queue: JobQueue, settings: Settings) -> dict[str, str]:
@@ -101,6 +131,7 @@ class Reaper(threading.Thread):
             try:
                 with self.session_factory() as session:
                     reap_stale_jobs(session, self.queue_getter(), self.settings)
+                    resend_stale_queued(session, self.queue_getter(), self.settings)
             except Exception as exc:  # keep reaping after a database hiccup
                 log.warning("reaper pass failed: %s", exc)
 

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int | None = None
     heartbeat_interval_s: float = Field(2.0, gt=0)
     heartbeat_timeout_s: float = Field(60.0, gt=0)
+    # A job still queued this long after its message was sent is sent again (the message may have
+    # been lost: an API process that died between commit and send, a broker restarted without
+    # persistence). Workers claim conditionally, so a duplicate message is a no-op.
+    queued_resend_s: float = Field(3600.0, gt=0)
     reaper_interval_s: float = Field(15.0, gt=0)
     reaper_enabled: bool = True
     max_attempts: int = Field(2, ge=1, le=20)

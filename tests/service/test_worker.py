@@ -336,3 +336,22 @@ def test_encoders_sharing_weights_keep_their_own_spec_in_the_worker_cache(config
         rows.append(row)
     a, b = (load_job_encoder(r, store, get_settings()) for r in rows)
     assert a.spec.input_size is None and b.spec.input_size == 28
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again(env, configure):
+    from datetime import timedelta
+
+    from app.reaper import resend_stale_queued
+
+    s = configure(queued_resend_s=600)
+    lost = _job(env, status="queued", created_at=utcnow() - timedelta(seconds=3600))
+    recent = _job(env, status="queued", created_at=utcnow() - timedelta(seconds=60))
+    cancelled = _job(env, status="queued", created_at=utcnow() - timedelta(seconds=3600), cancel_requested=True)
+    done = _job(env, status="succeeded", created_at=utcnow() - timedelta(seconds=3600))
+    q = _Q()
+    with new_session() as db:
+        assert resend_stale_queued(db, q, s) == {str(lost): "resent"}
+    assert q.sent == [str(lost)] and _get(lost).enqueued_at is not None
+    with new_session() as db:  # just re-sent: not again until queued_resend_s has passed
+        assert resend_stale_queued(db, q, s) == {}
+    assert {_get(j).status for j in (recent, cancelled, done)} == {"queued", "succeeded"}
