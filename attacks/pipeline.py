@@ -336,12 +336,15 @@ def _evaluate(ctx: AttackContext, out: AttackOutput, opts: JobOptions, timings: 
     if out.poisons is not None:
         if not torch.isfinite(out.poisons).all():
             raise AttackDiverged("the attack returned non-finite poisons")
-        Zp = (
-            extract_features(ctx.encoder, out.poisons, device=ctx.device, amp=ctx.amp)
-            if out.poisons.shape[0]
-            else ctx.Z_train[:0]
-        )
-        fnu = Zp
+        if out.evaluation is not None:  # evaluated by the attack itself: no frozen-encoder pass needed
+            Zp = ctx.Z_train.new_empty((out.poisons.shape[0], 0))
+        else:
+            Zp = (
+                extract_features(ctx.encoder, out.poisons, device=ctx.device, amp=ctx.amp)
+                if out.poisons.shape[0]
+                else ctx.Z_train[:0]
+            )
+            fnu = Zp
     elif out.poison_features is not None:
         Zp = out.poison_features
     else:
