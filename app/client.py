@@ -32,9 +32,10 @@ AUDIT_FINISHED = ("succeeded", "failed", "cancelled", "partial")
 class ApiError(Exception):
     """An HTTP error answer; ``problem`` is its RFC 7807 body (or a stand-in built from the text)."""
 
-    def __init__(self, status: int, problem: dict[str, Any]):
+    def __init__(self, status: int, problem: dict[str, Any], retry_after: float | None = None):
         self.status = status
         self.problem = problem
+        self.retry_after = retry_after  # seconds, from a Retry-After header
         super().__init__(self.message())
 
     def message(self) -> str:
@@ -79,7 +80,11 @@ class Client:
                     raise ValueError
             except ValueError:
                 problem = {"title": r.reason_phrase, "detail": r.text[:500]}
-            raise ApiError(r.status_code, problem)
+            try:
+                retry_after = float(r.headers["retry-after"])
+            except (KeyError, ValueError):
+                retry_after = None
+            raise ApiError(r.status_code, problem, retry_after)
         return r
 
     # ---------------------------------------------------------------- jobs
@@ -140,10 +145,28 @@ class Client:
                           f"audit {audit_id}")
 
     @staticmethod
-    def _wait(get, done, on_progress, poll_s, timeout_s, what):
+    def _wait(get, done, on_progress, poll_s, timeout_s, what, max_transient: int = 30):
+        """Polls ``get``; a transient answer (502/503/504, or the server unreachable for a moment)
+        is retried after its Retry-After (or poll_s), up to ``max_transient`` times in a row."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        transient = 0
         while True:
-            obj = get()
+            try:
+                obj = get()
+            except (ApiError, httpx.TransportError) as exc:
+                status = getattr(exc, "status", None)
+                if (isinstance(exc, ApiError) and status not in (502, 503, 504)) or transient >= max_transient:
+                    raise
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                transient += 1
+                delay = poll_s
+                retry_after = getattr(exc, "retry_after", None)
+                if retry_after is not None and 0 < retry_after <= 60:
+                    delay = float(retry_after)
+                time.sleep(delay)
+                continue
+            transient = 0
             if on_progress is not None:
                 on_progress(obj)
             if obj.status in done:

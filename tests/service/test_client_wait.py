@@ -1,0 +1,60 @@
+"""The client's wait survives a transient 503 (honouring Retry-After) and gives up on real errors."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from app.client import ApiError, Client
+
+def test_wait_retries_a_transient_503_after_retry_after(monkeypatch):
+    from app import client as mod
+    from app.schemas import JobPublic
+
+    jid = str(uuid.uuid4())
+    sleeps = []
+    monkeypatch.setattr(mod.time, "sleep", lambda s: sleeps.append(s))
+    calls = {"n": 0}
+
+    def handler(request):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return httpx.Response(503, json={"title": "Service Unavailable", "detail": "db"}, headers={"Retry-After": "3"})
+        return httpx.Response(200, json=_payload(jid))
+
+    monkeypatch.setattr(JobPublic, "model_validate", classmethod(lambda cls, d: _Obj(d["status"])))
+    c = Client("http://test", "k", transport=httpx.MockTransport(handler))
+    assert c.wait_job(jid, poll_s=0.01).status == "succeeded"
+    assert calls["n"] == 2 and sleeps == [3.0]
+
+
+def test_wait_gives_up_on_a_real_error(monkeypatch):
+    from app import client as mod
+
+    monkeypatch.setattr(mod.time, "sleep", lambda s: None)
+    c = Client("http://test", "k", transport=httpx.MockTransport(
+        lambda r: httpx.Response(404, json={"title": "Not Found", "detail": "no such job"})))
+    with pytest.raises(ApiError) as e:
+        c.wait_job(str(uuid.uuid4()), poll_s=0.01)
+    assert e.value.status == 404
+
+
+def test_wait_gives_up_after_too_many_transient_answers(monkeypatch):
+    from app import client as mod
+
+    monkeypatch.setattr(mod.time, "sleep", lambda s: None)
+    c = Client("http://test", "k", transport=httpx.MockTransport(lambda r: httpx.Response(503, json={"title": "x"})))
+    with pytest.raises(ApiError) as e:
+        c.wait_job(str(uuid.uuid4()), poll_s=0.01)
+    assert e.value.status == 503
+
+
+class _Obj:
+    def __init__(self, status):
+        self.status = status
+
+
+def _payload(jid):
+    return {"id": jid, "status": "succeeded"}
