@@ -185,7 +185,8 @@ def prepare(
 
 
 def poison_statistics(
-    poisons: torch.Tensor | None, base: torch.Tensor | None, fnu: torch.Tensor | None, zeta: torch.Tensor | None, lo: float, hi: float
+    poisons: torch.Tensor | None, base: torch.Tensor | None, fnu: torch.Tensor | None, zeta: torch.Tensor | None,
+    lo: float, hi: float, chunk: int = 4096,
 ) -> dict:
     """Per-set summaries of L_inf, L2, distance to base, fraction outside [0, 1], ||f(nu) - zeta||^2."""
 
@@ -199,16 +200,29 @@ def poison_statistics(
 
     stats: dict[str, Any] = {}
     if poisons is not None and poisons.shape[0] > 0:
-        flat = poisons.reshape(poisons.shape[0], -1).float()
-        stats["linf"] = summary(flat.abs().amax(1))
-        stats["l2"] = summary(flat.norm(dim=1))
-        stats["fraction_outside_unit_range"] = ((flat < 0) | (flat > 1)).double().mean().item()
-        stats["fraction_outside_clean_range"] = ((flat < lo) | (flat > hi)).double().mean().item()
+        # Row chunks: temporaries are bounded by ``chunk`` poisons, not by the number of poisons.
+        n = poisons.shape[0]
+        rows: dict[str, list[torch.Tensor]] = {"linf": [], "l2": [], "linf_to_base": [], "l2_to_base": []}
+        out_unit = out_clean = 0
+        for i in range(0, n, chunk):
+            flat = poisons[i : i + chunk].reshape(-1, poisons[0].numel()).float()
+            rows["linf"].append(flat.abs().amax(1))
+            rows["l2"].append(flat.norm(dim=1))
+            out_unit += int(((flat < 0) | (flat > 1)).sum())
+            out_clean += int(((flat < lo) | (flat > hi)).sum())
+            if base is not None:
+                delta = flat - base[i : i + chunk].reshape(flat.shape).float()
+                rows["linf_to_base"].append(delta.abs().amax(1))
+                rows["l2_to_base"].append(delta.norm(dim=1))
+        total = n * poisons[0].numel()
+        stats["linf"] = summary(torch.cat(rows["linf"]))
+        stats["l2"] = summary(torch.cat(rows["l2"]))
+        stats["fraction_outside_unit_range"] = out_unit / total
+        stats["fraction_outside_clean_range"] = out_clean / total
         stats["clean_range"] = [lo, hi]
         if base is not None:
-            delta = flat - base.reshape(base.shape[0], -1).float()
-            stats["linf_to_base"] = summary(delta.abs().amax(1))
-            stats["l2_to_base"] = summary(delta.norm(dim=1))
+            stats["linf_to_base"] = summary(torch.cat(rows["linf_to_base"]))
+            stats["l2_to_base"] = summary(torch.cat(rows["l2_to_base"]))
     if fnu is not None and zeta is not None and fnu.shape[0] > 0:
         stats["feature_match_error"] = summary(((fnu - zeta) ** 2).sum(1))
     if zeta is not None and zeta.shape[0] > 0:

@@ -250,3 +250,22 @@ def test_feature_matching_moves_features_toward_zeta_independently_of_batching(t
         before = ((f0 - zeta) ** 2).sum(1).mean()
         after = ((tiny_encoder(nu) - zeta) ** 2).sum(1).mean()
     assert after < 0.8 * before, (optimizer, before.item(), after.item())
+
+
+def test_poison_statistics_do_not_depend_on_the_chunk():
+    from attacks.pipeline import poison_statistics
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(37, 1, 5, 5, generator=g) * 1.4 - 0.2
+    base = torch.rand(37, 1, 5, 5, generator=g)
+    a = poison_statistics(x, base, None, None, 0.0, 1.0, chunk=4096)
+    b = poison_statistics(x, base, None, None, 0.0, 1.0, chunk=5)
+    assert a.keys() == b.keys() and {"linf", "l2", "linf_to_base", "fraction_outside_unit_range"} <= set(a)
+    for k in a:
+        if isinstance(a[k], dict):
+            for s in a[k]:
+                assert a[k][s] == pytest.approx(b[k][s], rel=1e-6), (k, s)
+        else:
+            assert a[k] == pytest.approx(b[k])
+    assert a["linf"]["max"] == pytest.approx(x.abs().max().item())
+    assert a["fraction_outside_unit_range"] == pytest.approx(((x < 0) | (x > 1)).double().mean().item())
