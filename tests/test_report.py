@@ -324,3 +324,29 @@ def test_audit_report_in_the_shape_of_audit_public():
     assert p.cells["jobs-table"][1][:4] == ["feature_matching (beta=0.25)", "0.03", "0", "succeeded"]
     params = {r[0]: r[1] for r in p.cells["parameters"]}
     assert params["epsilons"] == "[0.03]" and params["seeds"] == "[0, 1]" and "jobs" not in params
+
+
+@pytest.mark.integration
+def test_audit_report_renders_in_headless_chromium(tmp_path):
+    """The audit page: the attack x epsilon table and the drop-vs-epsilon figure, in a real browser."""
+    from attacks.figures import drop_vs_epsilon
+
+    exe = _chromium()
+    png = drop_vs_epsilon(TABLE)
+    audit = {"id": "a-9", "name": "digits audit", "status": "succeeded", "encoder": "enc-9", "seeds": [0],
+             "table": TABLE, "provenance": {"torch": "2.14.1"}}
+    path = tmp_path / "audit.html"
+    path.write_text(render_audit_report(audit, {"figure-drop-vs-epsilon.png": png}), encoding="utf-8")
+    dom = _run_chromium(exe, tmp_path, "--virtual-time-budget=5000", "--dump-dom", path.as_uri()).stdout
+    p = parse(dom)
+    body = [a for t, a in p.tags if t == "body"][0]
+    assert body.get("data-images-loaded") == "1/1", "the figure decoded in the browser"
+    img = [a for t, a in p.tags if t == "img"][0]
+    assert (int(img["data-natural-width"]), int(img["data-natural-height"])) == png_size(png)
+    res = p.cells["results-table"]
+    assert res[0][0] == "attack" and len(res) == 1 + len(TABLE["rows"])
+    assert [r[0].split()[0] for r in res[1:]] == [(r.get("label") or r["attack"]).split()[0] for r in TABLE["rows"]]
+    shot = tmp_path / "audit.png"
+    _run_chromium(exe, tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", path.as_uri())
+    pix = pixels(shot.read_bytes())[..., :3]
+    assert pix.std() > 0.05, "not a blank page"
