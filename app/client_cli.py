@@ -31,18 +31,13 @@ def _json_arg(text: str | None, what: str) -> Any:
 
 
 def _params(pairs: list[str] | None, blob: str | None) -> dict[str, Any]:
-    out = _json_arg(blob, "--params") or {}
-    if not isinstance(out, dict):
-        raise UsageError("--params must be a JSON object")
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise UsageError(f"--param expects KEY=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    """The same --param/--params rules as `poisonaudit run` (attacks.cli)."""
+    from attacks.cli import CLIError, _parse_params
+
+    try:
+        return _parse_params(pairs, blob)
+    except CLIError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _client(args):

@@ -91,21 +91,26 @@ class GradPCParams(_Params):
     )
 
 
-class GCFeatureParams(GradPCParams):
+class _GCParams(GradPCParams):
+    """What Gradient Canceling takes in feature space and in input space alike."""
+
+    gc_steps: int = Field(2000, ge=1, le=100_000, description="Gradient-descent steps on the poisons (paper: 2000).")
+    cancel_bias: bool = Field(False, description="Also cancel the bias gradient (plim cancels only W).")
+    stop_loss: float = Field(1.0, ge=0, description="Stop when 1/2||residual||^2 falls below this (paper: 1).")
+    subset: Literal["random", "first"] = Field(
+        "random", description="Which clean points initialise the poisons: a seeded random subset, or the first ones (plim)."
+    )
+
+
+class GCFeatureParams(_GCParams):
     """Stage 2: Gradient Canceling in feature space."""
 
-    gc_steps: int = Field(2000, ge=1, le=100_000, description="Gradient-descent steps on zeta (paper: 2000).")
     gc_lr: float = Field(
         0.1,
         gt=0,
         le=100,
         description="Relative step size for zeta: a first step moves a poison by about gc_lr times the "
         "mean clean feature norm (cosine-decayed), so it transfers across encoders and feature scales.",
-    )
-    cancel_bias: bool = Field(False, description="Also cancel the bias gradient (plim cancels only W).")
-    stop_loss: float = Field(1.0, ge=0, description="Stop when 1/2||residual||^2 falls below this (paper: 1).")
-    subset: Literal["random", "first"] = Field(
-        "random", description="Which clean points initialise zeta: a seeded random subset, or the first ones (plim)."
     )
 
 
@@ -158,7 +163,7 @@ class FeatureMatchingRParams(FeatureMatchingParams):
     )
 
 
-class GCInputParams(GradPCParams):
+class GCInputParams(_GCParams):
     """Gradient Canceling in input space: the GC objective with zeta = f(nu), optimised over pixels."""
 
     constrained: bool = Field(
@@ -170,18 +175,12 @@ class GCInputParams(GradPCParams):
     penalty: float = Field(
         1.0, ge=0, le=1e6, description="Weight of 1/2 ||nu - mu'||^2 when constrained (paper: 1)."
     )
-    gc_steps: int = Field(2000, ge=1, le=100_000, description="Gradient steps on nu (paper: 2000).")
     gc_lr: float = Field(
         0.1,
         gt=0,
         le=100,
         description="Relative step size: a first step moves a poison by about gc_lr times the mean "
         "clean image L2 norm (cosine-decayed), so it transfers across datasets and encoders.",
-    )
-    cancel_bias: bool = Field(False, description="Also cancel the bias gradient (plim cancels only W).")
-    stop_loss: float = Field(1.0, ge=0, description="Stop when 1/2||residual||^2 falls below this (paper: 1).")
-    subset: Literal["random", "first"] = Field(
-        "random", description="Which clean points initialise nu: a seeded random subset, or the first ones (plim)."
     )
     batch_size: int = Field(256, ge=1, le=65_536, description="Poisons per chunk for the encoder passes.")
 

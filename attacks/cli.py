@@ -28,14 +28,16 @@ class CLIError(Exception):
 
 
 def _parse_params(pairs: Sequence[str] | None, blob: str | None) -> dict[str, Any]:
+    """--params JSON object, then each --param KEY=VALUE (VALUE as JSON, else as a string)."""
     params: dict[str, Any] = {}
     if blob:
         try:
-            params.update(json.loads(blob))
+            loaded = json.loads(blob)
         except json.JSONDecodeError as e:
             raise CLIError(f"--params is not valid JSON: {e}") from None
-        if not isinstance(params, dict):
+        if not isinstance(loaded, dict):
             raise CLIError("--params must be a JSON object")
+        params.update(loaded)
     for pair in pairs or []:
         if "=" not in pair:
             raise CLIError(f"--param expects KEY=VALUE, got {pair!r}")
