@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from sqlalchemy import DateTime, Engine, create_engine, event
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
+from starlette.concurrency import run_in_threadpool
 
 from app.settings import get_settings
 
@@ -99,10 +100,14 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
-def get_session() -> Iterator[Session]:
-    """FastAPI dependency: one session per request."""
+async def get_session() -> AsyncIterator[Session]:
+    """FastAPI dependency: one session per request.
+
+    Async so that opening it (no I/O: the connection is checked out on first use) costs
+    no thread-pool hop; closing it may talk to the database (rollback, return to the
+    pool), so that runs on the thread pool."""
     session = new_session()
     try:
         yield session
     finally:
-        session.close()
+        await run_in_threadpool(session.close)

@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 from app.db import get_session
 from app.datasets import DatasetRefError, ResolvedDataset, resolve
 from app.models import Audit, Encoder, Job, Team
-from app.problems import Problem, not_found
+from app.problems import not_found
 from app.queue import JobQueue, get_queue
-from app.security import authenticate
+from app.security import require_team
 from app.settings import Settings, get_settings
 from app.storage import ObjectStore, get_store
 
@@ -29,17 +29,19 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API k
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key of your team")
 
 
-def get_team(
-    session: SessionDep,
+async def presented_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     api_key: Annotated[str | None, Security(_header)],
-) -> Team:
-    key = api_key or (bearer.credentials if bearer else None)
-    team = authenticate(session, key) if key else None
-    if team is None:
-        raise Problem(401, "a valid API key is required (Authorization: Bearer <key> or X-API-Key)",
-                      headers={"WWW-Authenticate": "Bearer"})
-    return team
+) -> str | None:
+    """The API key the request presents, unchecked (no database work, so no thread hop)."""
+    return api_key or (bearer.credentials if bearer else None)
+
+
+KeyDep = Annotated[str | None, Depends(presented_key)]
+
+
+def get_team(session: SessionDep, key: KeyDep) -> Team:
+    return require_team(session, key)
 
 
 TeamDep = Annotated[Team, Depends(get_team)]

@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 from attacks.catalogue import UnknownAttackError, get_attack, validate_job
 from app import datasets
 from app.db import utcnow
-from app.models import FINISHED, Artifact, Encoder, EncoderStatus, Job, JobKind, JobStatus, Team
-from app.problems import Problem, invalid, unavailable, validation_problem
+from app.models import FINISHED, ApiKey, Artifact, Encoder, EncoderStatus, Job, JobKind, JobStatus, Team
+from app.problems import Problem, invalid, not_found, unavailable, validation_problem
+from app.security import key_matches, parse_prefix, require_team
 from app.queue import JobQueue, queue_for_device
 from app.schemas import ArtifactPublic, JobCreate, JobPublic, ProgressPublic
 from app.settings import Settings
@@ -54,6 +55,27 @@ def artifacts_of(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, 
 
 def view(session: Session, job: Job) -> JobPublic:
     return job_public(job, artifacts_of(session, [job.id])[job.id])
+
+
+def view_for_key(session: Session, key: str | None, job_id: uuid.UUID) -> JobPublic:
+    """A job as its owner sees it: 401 for a bad key, 404 for a job the key's team does not own.
+
+    The status route clients poll, so the common case is one query: the key's row joined to
+    the job of its team and the job's artifacts. Anything else falls back to the full key
+    check, which decides between 401 and 404."""
+    prefix = parse_prefix(key) if key else None
+    if prefix is not None:
+        rows = session.execute(
+            select(ApiKey.key_hash, ApiKey.revoked_at, Job, Artifact)
+            .join(Job, and_(Job.team_id == ApiKey.team_id, Job.id == job_id))
+            .outerjoin(Artifact, Artifact.job_id == Job.id)
+            .where(ApiKey.prefix == prefix)
+            .order_by(Artifact.name)
+        ).all()
+        if rows and key_matches(key, rows[0].key_hash, rows[0].revoked_at):
+            return job_public(rows[0].Job, [r.Artifact for r in rows if r.Artifact is not None])
+    require_team(session, key)  # 401 unless the key is good
+    raise not_found("job", job_id)
 
 
 def _request_hash(body: JobCreate) -> str:

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ApiKey, Team
+from app.problems import Problem
 
 KEY_PREFIX = "pa_"
 
@@ -47,6 +48,11 @@ def create_key(session: Session, team: Team, name: str = "") -> str:
     return key
 
 
+def key_matches(key: str, key_hash: str, revoked_at) -> bool:
+    """Whether ``key`` is the live key stored as ``key_hash`` (constant-time comparison)."""
+    return revoked_at is None and hmac.compare_digest(key_hash, hash_key(key))
+
+
 def authenticate(session: Session, key: str) -> Team | None:
     prefix = parse_prefix(key)
     if prefix is None:
@@ -58,6 +64,13 @@ def authenticate(session: Session, key: str) -> Team | None:
         hmac.compare_digest(hash_key(key), hash_key(key))  # same work either way
         return None
     api_key, team = row
-    if api_key.revoked_at is not None or not hmac.compare_digest(api_key.key_hash, hash_key(key)):
-        return None
+    return team if key_matches(key, api_key.key_hash, api_key.revoked_at) else None
+
+
+def require_team(session: Session, key: str | None) -> Team:
+    """The team of the presented key, or a 401 problem."""
+    team = authenticate(session, key) if key else None
+    if team is None:
+        raise Problem(401, "a valid API key is required (Authorization: Bearer <key> or X-API-Key)",
+                      headers={"WWW-Authenticate": "Bearer"})
     return team

@@ -33,6 +33,44 @@ def test_requests_without_a_valid_key_get_401(client):
         assert "API key" in p["detail"]
 
 
+def test_job_status_read_checks_the_key_and_lists_artifacts(client, session, team_a, team_b, ready_encoder):
+    """GET /v1/jobs/{id} (one joined query on its common path): every way a key can be wrong
+    is a 401, another team's or a missing job a 404, artifacts listed by name."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import select
+
+    from app.models import ApiKey, Artifact
+
+    team, h = team_a
+    job_id = client.post("/v1/jobs", json=_job_body(ready_encoder.id), headers=h).json()["id"]
+    r = client.get(f"/v1/jobs/{job_id}", headers=h)
+    assert r.status_code == 200 and r.json()["artifacts"] == []
+    for name in ("result.json", "poisoned_set.npz"):
+        session.add(Artifact(team_id=team.id, job_id=uuid.UUID(job_id), name=name, content_type="application/json",
+                             key=f"jobs/{job_id}/{name}", sha256="0" * 64, size=3))
+    session.commit()
+    body = client.get(f"/v1/jobs/{job_id}", headers=h).json()
+    assert [a["name"] for a in body["artifacts"]] == ["poisoned_set.npz", "result.json"]
+    assert body["id"] == job_id and body["status"] == "queued"
+
+    key = h["Authorization"].split()[1]
+    assert client.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": key}).status_code == 200
+    wrong_secret = key[: key.rindex("_") + 1] + "x" * 43  # the right prefix, another secret
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Bearer {wrong_secret}"}):
+        _problem(client.get(f"/v1/jobs/{job_id}", headers=headers), 401)
+        _problem(client.get(f"/v1/jobs/{uuid.uuid4()}", headers=headers), 401)
+    _, hb = team_b
+    _problem(client.get(f"/v1/jobs/{job_id}", headers=hb), 404)
+    _problem(client.get(f"/v1/jobs/{uuid.uuid4()}", headers=h), 404)
+    _problem(client.get("/v1/jobs/not-a-uuid", headers=h), 422)
+
+    row = session.scalar(select(ApiKey).where(ApiKey.team_id == team.id))
+    row.revoked_at = datetime.now(timezone.utc)
+    session.commit()
+    _problem(client.get(f"/v1/jobs/{job_id}", headers=h), 401)
+
+
 def test_x_api_key_header_works_too(client, team_a):
     _, headers = team_a
     key = headers["Authorization"].split()[1]
