@@ -112,10 +112,23 @@ class GCFeatureParams(_GCParams):
         description="Relative step size for zeta: a first step moves a poison by about gc_lr times the "
         "mean clean feature norm (cosine-decayed), so it transfers across encoders and feature scales.",
     )
+    feature_floor: Literal["none", "zero", "auto"] = Field(
+        "none",
+        description="Keep zeta where an image's features can be. 'zero': project every GC step onto "
+        "zeta >= 0, the range of encoders whose features are ReLU outputs pooled (small_cnn, ResNets): "
+        "a negative coordinate is reachable by no image, so a poison that needs one cannot be inverted. "
+        "'auto': 'zero' when every cached clean feature is >= 0. 'none': GC unconstrained in feature "
+        "space (the paper's stage 2; the default for gc_feature, whose poisons are features).",
+    )
 
 
 class FeatureMatchingParams(GCFeatureParams):
     """Stage 3: feature matching (Algorithm 1)."""
+
+    feature_floor: Literal["none", "zero", "auto"] = Field(
+        "auto", description=GCFeatureParams.model_fields["feature_floor"].description + " Default here: 'auto' "
+        "(stage 3 inverts zeta into images, so zeta must be reachable).",
+    )
 
     rounds: int = Field(1, ge=1, le=1000, description="Outer rounds k of Algorithm 1 (paper: 1).")
     fm_steps: int = Field(2000, ge=1, le=100_000, description="Feature-matching steps t per round (paper: 2000).")
@@ -143,10 +156,12 @@ class FeatureMatchingParams(GCFeatureParams):
         description="Measure the matching error in units of the mean clean feature norm, so that "
         "fm_lr transfers across encoders whose features differ in scale.",
     )
-    pairing: Literal["nearest", "nearest_unique", "gc_init"] = Field(
+    pairing: Literal["nearest", "nearest_same_label", "nearest_unique", "gc_init"] = Field(
         "nearest",
-        description="Base image for each zeta: the clean image with the nearest feature (paper), "
-        "the nearest not yet taken (one-to-one), or the image that initialised zeta.",
+        description="Base image for each zeta: the clean image with the nearest feature (paper; the poison "
+        "takes its label, which may differ from the label GC computed zeta for), the nearest among "
+        "those with zeta's GC label, the nearest not yet taken (one-to-one), or the image that "
+        "initialised zeta.",
     )
     batch_size: int = Field(512, ge=1, le=65_536, description="Poisons optimised per batch.")
 
@@ -267,6 +282,8 @@ class EMNParams(_Params):
 
 class DecoderInversionParams(GCFeatureParams):
     """Stage 3 by decoder inversion: a U-Net decoder over the frozen encoder maps zeta back to images."""
+
+    feature_floor: Literal["none", "zero", "auto"] = FeatureMatchingParams.model_fields["feature_floor"]
 
     decoder_epochs: int = Field(30, ge=1, le=10_000, description="Epochs of decoder training on the clean set.")
     decoder_lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate of the decoder.")

@@ -14,7 +14,11 @@ Parameters (:class:`attacks.catalogue.FeatureMatchingParams`, plus GC's and Grad
         clean feature norm s, i.e. gamma/2 ||(f(nu) - zeta)/s||^2, so that eta
         transfers across encoders [D]; False is the paper's raw form.
     pairing ("nearest"): base image of each zeta: nearest clean feature (paper),
-        nearest not yet taken ("nearest_unique"), or the GC initialiser ("gc_init").
+        nearest among the clean images with zeta's GC label ("nearest_same_label": the
+        poison then keeps the label GC computed zeta for), nearest not yet taken
+        ("nearest_unique"), or the GC initialiser ("gc_init").
+    feature_floor ("auto"): GC keeps zeta >= 0 for ReLU-pooled encoders, whose features
+        are never negative (see :mod:`attacks.gc_feature`).
     batch_size (512): poisons optimised together (they are independent).
 
 Each step, for a batch of poisons (n_b, C, H, W):
@@ -80,6 +84,19 @@ def nearest_clean(zeta: torch.Tensor, Z: torch.Tensor, unique: bool = False, chu
             j = int(d.argmin())
             out[r] = j
             free[j] = False
+    return out
+
+
+def nearest_clean_same_label(zeta: torch.Tensor, labels: torch.Tensor, Z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """For each row of zeta, the index of the nearest clean feature among those with its label."""
+    out = torch.empty(zeta.shape[0], dtype=torch.long)
+    labels, y = labels.to(Z.device), y.to(Z.device)
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten()
+        pool = (y == c).nonzero().flatten()
+        if len(pool) == 0:
+            raise ValueError(f"no clean image with label {c} to pair with")
+        out[rows.cpu()] = pool[nearest_clean(zeta[rows], Z[pool])].cpu()
     return out
 
 
@@ -155,6 +172,8 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
     target, G, zeta, gc_labels, gc_idx, info = poisoned_features(ctx, params, epsilon, seed, progress)
     if params.pairing == "gc_init":
         base_idx = gc_idx
+    elif params.pairing == "nearest_same_label":
+        base_idx = nearest_clean_same_label(zeta, gc_labels, ctx.Z_train, ctx.y_train)
     else:
         base_idx = nearest_clean(zeta, ctx.Z_train, unique=params.pairing == "nearest_unique")
     labels = ctx.y_train[base_idx]
@@ -177,6 +196,7 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
                 pull_to=fz if params.pull > 0 else None,
                 pull_weight=params.pull * params.gamma,
                 feature_scale=ctx.Z_train.norm(dim=1).mean().item(),
+                floor=info["gc_feature_floor"],
             )
         nu = match_features(
             ctx.encoder,

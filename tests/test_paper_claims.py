@@ -13,9 +13,15 @@ from attacks.pipeline import run_job
 
 pytestmark = pytest.mark.slow
 
-# Algorithm 1 with k > 1 rounds: the one-round form cannot reach zeta here
-# (ATTACKS.md, "What was measured here"); eps_w 2 gives a target that is a real drop.
-FM = {"eps_w": 2.0, "rounds": 6, "round_gc_steps": 300, "fm_steps": 40, "fm_lr": 1.0}
+# The strongest feature matching measured on this encoder (closing notes of #2): a W-only GradPC
+# target with the bias re-fitted (the joint step's damage sits in the bias, which no bounded
+# poison set cancels) and the bias gradient cancelled too; GC at gc_lr 0.3 kept in the encoder's
+# non-negative feature range (the default feature_floor "auto"); each poison paired with the
+# nearest clean image of zeta's own GC label; Adam-preconditioned forward steps on the paper's
+# raw objective, one round of 300 steps.
+FM = {"corrupt": "weights", "refit_bias": True, "cancel_bias": True, "eps_w": 30.0, "gc_lr": 0.3,
+      "pairing": "nearest_same_label", "normalize_features": False, "fm_optimizer": "adam",
+      "fm_lr": 0.02, "fm_steps": 300}
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +55,20 @@ def test_feature_matching_smaller_beta_is_stronger_and_larger(simclr_mnist, mnis
     strong = _run(simclr_mnist, mnist5k, cache, attack="feature_matching", epsilon=0.1, beta=0.05, params=FM)
     weak = _run(simclr_mnist, mnist5k, cache, attack="feature_matching", epsilon=0.1, beta=0.25, params=FM)
     assert weak.metrics["n_poisons"] == strong.metrics["n_poisons"] == 400
-    # Feature matching moves the features toward zeta: the matching error is a small fraction of
-    # ||zeta||^2 and below where the base images started. Measured: 0.903 vs 1.075 at the bases for
-    # beta .25 -- the rounds' pull has brought zeta next to f(nu), and zeta itself then only retrains
-    # to 0.930 (zeta_poisoned_accuracy): the closing note of #2 has the analysis.
     for r in (weak, strong):
-        ps = r.metrics["poison_stats"]
-        print(f"match {ps['feature_match_error']['mean']:.3f} at bases {r.metrics['base_feature_error_mean']:.3f} "
-              f"zeta^2 {ps['zeta_norm']['mean'] ** 2:.3f} zeta acc {r.metrics['zeta_poisoned_accuracy']:.4f}")
-        assert ps["feature_match_error"]["mean"] < 0.1 * ps["zeta_norm"]["mean"] ** 2
-        assert ps["feature_match_error"]["mean"] < r.metrics["base_feature_error_mean"]
-    # The issue also asks for drop(beta .25) >= 2 points and drop(.05) >= drop(.25). Measured here:
-    # 0.8 and 0.4 points (see the closing note of #2); not asserted until the attack gets there.
+        m, ps = r.metrics, r.metrics["poison_stats"]
+        print(f"match {ps['feature_match_error']['mean']:.3f} at bases {m['base_feature_error_mean']:.3f} "
+              f"zeta^2 {ps['zeta_norm']['mean'] ** 2:.3f} zeta acc {m['zeta_poisoned_accuracy']:.4f}")
+        # stage 2 hands over reachable-in-sign features that would do real harm (measured 0.752:
+        # 18.5 points), labels kept by the pairing; stage 3 moves the features toward them
+        assert m["gc_feature_floor"] == 0.0 and m["labels_changed_by_pairing"] == 0
+        assert m["zeta_poisoned_accuracy"] < m["clean_accuracy"] - 0.1
+        assert ps["feature_match_error"]["mean"] < 0.8 * m["base_feature_error_mean"]
+    # Measured (seed 0): beta .25 drop 1.5 points (L_inf 3.6), beta .05 drop 1.7 (L_inf 4.35).
+    # The issue's ">= 2 points at beta .25" is NOT reached (closing note of #2: the encoder cannot
+    # produce zeta from nearby pixels: match error 185 from 248 at the bases) and not asserted.
+    assert weak.metrics["drop"] >= 0.01
+    assert strong.metrics["drop"] >= weak.metrics["drop"]
     assert strong.metrics["poison_stats"]["linf"]["max"] > weak.metrics["poison_stats"]["linf"]["max"]
     assert strong.metrics["poison_stats"]["linf_to_base"]["mean"] > weak.metrics["poison_stats"]["linf_to_base"]["mean"]
 
@@ -69,5 +77,6 @@ def test_feature_matching_at_three_percent_is_reported(simclr_mnist, mnist5k, ca
     r = _run(simclr_mnist, mnist5k, cache, attack="feature_matching", epsilon=0.03, beta=0.25, params=FM)
     m = r.metrics
     assert m["n_poisons"] == 120 and len(r.poisons) == 120
-    assert m["poison_stats"]["feature_match_error"]["mean"] < m["poison_stats"]["zeta_norm"]["mean"] ** 2
+    # measured: drop 0.4 points (the paper: 6.3 on CIFAR-10), match 946 from 1,180 at the bases
+    assert m["poison_stats"]["feature_match_error"]["mean"] < m["base_feature_error_mean"]
     assert -0.01 <= m["drop"] <= m["clean_accuracy"] - m["target_accuracy"] + 0.05

@@ -269,3 +269,44 @@ def test_poison_statistics_do_not_depend_on_the_chunk():
             assert a[k] == pytest.approx(b[k])
     assert a["linf"]["max"] == pytest.approx(x.abs().max().item())
     assert a["fraction_outside_unit_range"] == pytest.approx(((x < 0) | (x > 1)).double().mean().item())
+
+
+def test_gradient_canceling_floor_keeps_zeta_in_a_relu_encoders_range():
+    """GC's zeta wanders below zero when unconstrained, where no ReLU-pooled feature can be;
+    with the floor every coordinate stays >= 0 and the residual still falls."""
+    from attacks.gc_feature import feature_floor, gradient_canceling
+    from attacks.gradpc import gradpc_target
+    from attacks.head import summed_gradient, train_head
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.rand(3, 6, generator=g) * 2
+    y = torch.arange(300) % 3
+    Z = (centers[y] + 0.5 * torch.randn(300, 6, generator=g)).clamp(min=0)  # non-negative, like ReLU features
+    target = gradpc_target(train_head(Z, y, 3), Z, y, eps_w=3.0, corrupt="weights", refit=True)
+    G = summed_gradient(target, Z, y)
+    free, _ = gradient_canceling(target, G, Z[:30], y[:30], steps=300, lr=0.5, stop_loss=0.0)
+    floored, info = gradient_canceling(target, G, Z[:30], y[:30], steps=300, lr=0.5, stop_loss=0.0, floor=0.0)
+    assert free.min() < 0  # the setting does push zeta negative: the floor has work to do
+    assert floored.min() >= 0
+    assert info["gc_loss_final"] < 0.5 * info["gc_loss_initial"]
+    assert feature_floor("auto", Z) == 0.0 and feature_floor("zero", Z - 1) == 0.0
+    assert feature_floor("auto", Z - 1) is None and feature_floor("none", Z) is None
+
+
+def test_same_label_pairing_keeps_the_labels_gc_computed_zeta_for(tiny_encoder, digits_small):
+    from attacks.feature_matching import nearest_clean_same_label
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.rand(40, 5, generator=g)
+    y = torch.arange(40) % 4
+    zeta = torch.rand(9, 5, generator=g) * 3
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3])
+    idx = nearest_clean_same_label(zeta, labels, Z, y)
+    assert torch.equal(y[idx], labels)
+    for i in range(9):  # the nearest within the class, by brute force
+        pool = (y == labels[i]).nonzero().flatten()
+        assert idx[i] == pool[((Z[pool] - zeta[i]) ** 2).sum(1).argmin()]
+
+    r = run_job(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=0.1,
+                params={**TINY["feature_matching"], "pairing": "nearest_same_label"}, device="cpu")
+    assert r.metrics["labels_changed_by_pairing"] == 0

@@ -28,13 +28,21 @@ def test_second_job_of_an_audit_reuses_the_shared_stages(tiny_encoder, digits_sm
     first = _run(tiny_encoder, digits_small, "gc_feature", StageCache(memory=memory))
     assert first["stage_cache"]["hits"] == 0 and first["stage_cache"]["misses"] == 3
     assert _hits(first) == {"clean_head": None, "gradpc_target": None, "gc_features": None}
-    # feature matching at two betas: both start from the same target and zeta
+    # feature matching with GC unconstrained, at two betas: both start from gc_feature's target and zeta
     for beta in (0.25, 0.05):
-        m = _run(tiny_encoder, digits_small, "feature_matching", StageCache(memory=memory), beta=beta, params=FM)
+        m = _run(tiny_encoder, digits_small, "feature_matching", StageCache(memory=memory), beta=beta,
+                 params={**FM, "feature_floor": "none"})
         assert _hits(m) == {"clean_head": "memory", "gradpc_target": "memory", "gc_features": "memory"}
         assert m["stage_cache"]["hits"] == 3 and m["stage_cache"]["misses"] == 0
         assert m["stage_cache"]["seconds_saved"] > 0
         assert m["gc_loss_final"] == first["gc_loss_final"] and m["target_accuracy"] == first["target_accuracy"]
+    # feature matching's default keeps zeta in the encoder's (non-negative) range: its own GC run,
+    # shared by its betas; "zero" resolves to the same floor and shares it too
+    for beta, floor in ((0.25, "auto"), (0.05, "auto"), (0.25, "zero")):
+        m = _run(tiny_encoder, digits_small, "feature_matching", StageCache(memory=memory), beta=beta,
+                 params={**FM, "feature_floor": floor})
+        assert _hits(m)["gc_features"] == (None if (beta, floor) == (0.25, "auto") else "memory")
+        assert m["gc_feature_floor"] == 0.0
     # gradpc needs the clean head and the target only
     g = _run(tiny_encoder, digits_small, "gradpc", StageCache(memory=memory), params={"eps_w": 2.0})
     assert _hits(g) == {"clean_head": "memory", "gradpc_target": "memory"}
