@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+from pydantic import ValidationError
 
 from app.schemas import AuditCreate, AuditPublic, AuditsPublic, JobCreate, JobPublic, JobsPublic
 
@@ -50,6 +51,19 @@ class ApiError(Exception):
 
 class WaitTimeout(TimeoutError):
     pass
+
+
+class BadResponse(Exception):
+    """A success status whose body is not what the API documents (a server fault, or not a
+    poisonaudit server at that URL)."""
+
+
+def _parse(model, r: httpx.Response):
+    try:
+        return model.model_validate(r.json())
+    except (ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
+        raise BadResponse(f"{r.request.method} {r.request.url.path} answered HTTP {r.status_code} with a body "
+                          f"that is not a {model.__name__}: {str(exc).splitlines()[0]}") from None
 
 
 class Client:
@@ -92,16 +106,16 @@ class Client:
         """Fields of :class:`app.schemas.JobCreate` (encoder, dataset, attack, epsilon, beta, params, ...)."""
         payload = JobCreate(**body).model_dump(mode="json", exclude_unset=True)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return JobPublic.model_validate(self._request("POST", "/v1/jobs", json=payload, headers=headers).json())
+        return _parse(JobPublic, self._request("POST", "/v1/jobs", json=payload, headers=headers))
 
     def get_job(self, job_id: uuid.UUID | str) -> JobPublic:
-        return JobPublic.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+        return _parse(JobPublic, self._request("GET", f"/v1/jobs/{job_id}"))
 
     def list_jobs(self, **filters: Any) -> JobsPublic:
-        return JobsPublic.model_validate(self._request("GET", "/v1/jobs", params=filters).json())
+        return _parse(JobsPublic, self._request("GET", "/v1/jobs", params=filters))
 
     def cancel_job(self, job_id: uuid.UUID | str) -> JobPublic:
-        return JobPublic.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+        return _parse(JobPublic, self._request("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def wait_job(self, job_id: uuid.UUID | str, *, on_progress: Callable[[JobPublic], None] | None = None,
                  poll_s: float = 1.0, timeout_s: float | None = None) -> JobPublic:
@@ -127,16 +141,16 @@ class Client:
     def submit_audit(self, **body: Any) -> AuditPublic:
         """Fields of :class:`app.schemas.AuditCreate` (encoder, dataset, attacks, epsilons, betas, seeds, ...)."""
         payload = AuditCreate(**body).model_dump(mode="json", exclude_unset=True)
-        return AuditPublic.model_validate(self._request("POST", "/v1/audits", json=payload).json())
+        return _parse(AuditPublic, self._request("POST", "/v1/audits", json=payload))
 
     def get_audit(self, audit_id: uuid.UUID | str) -> AuditPublic:
-        return AuditPublic.model_validate(self._request("GET", f"/v1/audits/{audit_id}").json())
+        return _parse(AuditPublic, self._request("GET", f"/v1/audits/{audit_id}"))
 
     def list_audits(self, **params: Any) -> AuditsPublic:
-        return AuditsPublic.model_validate(self._request("GET", "/v1/audits", params=params).json())
+        return _parse(AuditsPublic, self._request("GET", "/v1/audits", params=params))
 
     def cancel_audit(self, audit_id: uuid.UUID | str) -> AuditPublic:
-        return AuditPublic.model_validate(self._request("POST", f"/v1/audits/{audit_id}/cancel").json())
+        return _parse(AuditPublic, self._request("POST", f"/v1/audits/{audit_id}/cancel"))
 
     def wait_audit(self, audit_id: uuid.UUID | str, *, on_progress: Callable[[AuditPublic], None] | None = None,
                    poll_s: float = 2.0, timeout_s: float | None = None) -> AuditPublic:

@@ -220,13 +220,16 @@ def run(func, args) -> int:
     import httpx
     from pydantic import ValidationError
 
-    from app.client import ApiError, WaitTimeout
+    from app.client import ApiError, BadResponse, WaitTimeout
 
     try:
         return func(args)
     except ApiError as exc:
         print(f"poisonaudit: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED if exc.status < 500 else EXIT_SERVER
+    except BadResponse as exc:
+        print(f"poisonaudit: error: malformed server response: {exc}", file=sys.stderr)
+        return EXIT_SERVER
     except (UsageError, ValidationError) as exc:
         print(f"poisonaudit: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED

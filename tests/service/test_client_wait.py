@@ -58,3 +58,20 @@ class _Obj:
 
 def _payload(jid):
     return {"id": jid, "status": "succeeded"}
+
+
+@pytest.mark.parametrize("answer", [
+    httpx.Response(200, text="<html>a proxy's login page</html>"),
+    httpx.Response(200, json={"id": "not-a-job"}),
+    httpx.Response(200, json=[1, 2]),
+])
+def test_a_malformed_success_answer_is_a_server_fault_not_a_refusal(answer, capsys):
+    """exit 3 (the server failed), with what was wrong; not 2 (the request was refused)."""
+    from app.client import BadResponse
+    from app.client_cli import EXIT_SERVER, run
+
+    c = Client("http://test", "k", transport=httpx.MockTransport(lambda r: answer))
+    with pytest.raises(BadResponse, match=r"GET /v1/jobs/.* answered HTTP 200 with a body that is not a JobPublic"):
+        c.get_job(str(uuid.uuid4()))
+    assert run(lambda args: c.get_job(str(uuid.uuid4())), None) == EXIT_SERVER
+    assert "malformed server response" in capsys.readouterr().err
