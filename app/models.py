@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, Uuid, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.db import UTCDateTime, utcnow
@@ -129,6 +129,7 @@ class Audit(Base):
     seeds: Mapped[list[Any]] = mapped_column(JSON)
     device: Mapped[str] = mapped_column(String(8), default="auto")
     head: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    defences: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())  # run attacks.defences
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -155,6 +156,7 @@ class Job(Base):
     device: Mapped[str] = mapped_column(String(8), default="auto")
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     head: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    defences: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())  # run attacks.defences
     queue: Mapped[str] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -32,6 +32,8 @@ class JobCreate(_In):
     seed: int = Field(0, description="Seed of every random choice; in [0, 2^31 - 1].")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Routes the job to the gpu or cpu queue.")
     head: dict[str, Any] | None = Field(None, description="Linear-head recipe (HeadRecipe); defaults apply.")
+    defences: bool = Field(True, description="Also measure the defences (L_inf filter, k-NN, spectral "
+                           "signatures) against the poisons, each by one more head fit; false skips them.")
 
 
 class FieldError(BaseModel):
@@ -82,6 +84,7 @@ class JobPublic(BaseModel):
     seed: int
     device: str
     head: dict[str, Any] | None
+    defences: bool
     queue: str
     progress: ProgressPublic
     cancel_requested: bool
@@ -214,6 +217,7 @@ class AuditCreate(_In):
                              description="Seeds; the table reports mean and std over them.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     head: dict[str, Any] | None = Field(None, description="Linear-head recipe (HeadRecipe) for every job.")
+    defences: bool = Field(True, description="Measure the defences in every job (see JobCreate.defences).")
 
 
 class Stat(BaseModel):
@@ -296,6 +300,7 @@ class AuditSummary(BaseModel):
     seeds: list[int]
     device: str
     head: dict[str, Any] | None
+    defences: bool
     cancel_requested: bool
     created_at: datetime
     finished_at: datetime | None

@@ -112,6 +112,7 @@ def cmd_run(args) -> int:
             amp=args.amp,
             cache_dir=args.cache_dir,
             progress=bars,
+            defences=not args.no_defences,
         )
     finally:
         bars.close()
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--params", help="attack parameters as a JSON object")
     r.add_argument("--head", help="head recipe as a JSON object (optimizer, epochs, lr, ...)")
     r.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    r.add_argument("--no-defences", action="store_true", help="skip measuring the defences (faster)")
     r.add_argument("--cache-dir", help="feature cache directory, shared across runs")
     r.add_argument("--out", required=True, help="directory for result.json and poisoned.npz")
     r.set_defaults(func=cmd_run)

@@ -72,6 +72,12 @@ def test_run_writes_result_and_poisoned_set(tiny_encoder_dir, tmp_path, capsys):
     with np.load(out / "poisoned.npz", allow_pickle=False) as z:
         assert z["x"].shape == (10, 1, 8, 8) and z["y"].shape == (10,)
     assert "drop" in capsys.readouterr().out
+    assert set(result["defences"]) == {"linf", "knn", "spectral"}
+    quick = tmp_path / "quick"
+    assert main(["run", "--encoder", str(tiny_encoder_dir), "--dataset", "digits", "--max-train", "200",
+                 "--max-test", "100", "--attack", "gc_feature", "--param", "gc_steps=20", "--device", "cpu",
+                 "--quiet", "--no-defences", "--out", str(quick)]) == 0
+    assert "defences" not in json.loads((quick / "result.json").read_text())
 
 
 def test_missing_encoder_is_a_clear_error(tmp_path, capsys):

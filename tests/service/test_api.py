@@ -33,6 +33,19 @@ def test_requests_without_a_valid_key_get_401(client):
         assert "API key" in p["detail"]
 
 
+def test_defences_option_is_stored_and_shown(client, session, team_a, ready_encoder):
+    from app.models import Job
+
+    _, h = team_a
+    default = client.post("/v1/jobs", json=_job_body(ready_encoder.id), headers=h).json()
+    off = client.post("/v1/jobs", json=_job_body(ready_encoder.id, defences=False), headers=h).json()
+    assert default["defences"] is True and off["defences"] is False
+    assert client.get(f"/v1/jobs/{off['id']}", headers=h).json()["defences"] is False
+    assert session.get(Job, uuid.UUID(off["id"])).defences is False
+    p = _problem(client.post("/v1/jobs", json=_job_body(ready_encoder.id, defences="maybe"), headers=h), 422)
+    assert any(e["field"] == "defences" for e in p["errors"])
+
+
 def test_job_status_read_checks_the_key_and_lists_artifacts(client, session, team_a, team_b, ready_encoder):
     """GET /v1/jobs/{id} (one joined query on its common path): every way a key can be wrong
     is a 401, another team's or a missing job a 404, artifacts listed by name."""

@@ -75,6 +75,18 @@ def test_default_beta_and_attacks_without_one(client, team_a, ready_encoder):
     assert only["betas"] is None and [r["beta"] for r in only["table"]["rows"]] == [None]
 
 
+def test_defences_option_reaches_every_job(client, session, team_a, ready_encoder):
+    from app.models import Job
+
+    _, h = team_a
+    a = client.post("/v1/audits", json=_body(ready_encoder.id, defences=False), headers=h).json()
+    assert a["defences"] is False
+    jobs = [session.get(Job, uuid.UUID(j["id"])) for j in a["jobs"]]
+    assert len(jobs) == 16 and not any(j.defences for j in jobs)  # gradpc, gc_feature 2 eps x 2 seeds; fm x 2 betas
+    b = client.post("/v1/audits", json=_body(ready_encoder.id, seeds=[0]), headers=h).json()
+    assert b["defences"] is True and all(session.get(Job, uuid.UUID(j["id"])).defences for j in b["jobs"])
+
+
 @pytest.mark.parametrize("change, field, extra", [
     ({"attacks": [{"name": "nope"}]}, "attacks.0.name", "valid"),
     ({"attacks": [{"name": "gradpc", "params": {"gc_steps": 5}}]}, "attacks.0.params.gc_steps", None),

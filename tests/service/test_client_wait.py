@@ -75,3 +75,24 @@ def test_a_malformed_success_answer_is_a_server_fault_not_a_refusal(answer, caps
         c.get_job(str(uuid.uuid4()))
     assert run(lambda args: c.get_job(str(uuid.uuid4())), None) == EXIT_SERVER
     assert "malformed server response" in capsys.readouterr().err
+
+
+def test_cli_no_defences_reaches_the_request_body(monkeypatch):
+    """`poisonaudit submit/audit --no-defences` send defences false; without it the field is left to the server."""
+    import json as _json
+
+    from app import client_cli
+    from attacks.cli import main
+
+    bodies = []
+
+    def handler(request):
+        bodies.append(_json.loads(request.content))
+        return httpx.Response(503, json={"title": "Service Unavailable", "detail": "stop here"})
+
+    monkeypatch.setattr(client_cli, "_client", lambda args: Client("http://test", "k", transport=httpx.MockTransport(handler)))
+    enc = str(uuid.uuid4())
+    for flags in ([], ["--no-defences"]):
+        main(["submit", "--encoder", enc, "--dataset", "digits", "--attack", "gradpc", *flags])
+        main(["audit", "--encoder", enc, "--dataset", "digits", "--attack", "gradpc", "--epsilon", "0.03", *flags])
+    assert [b.get("defences") for b in bodies] == [None, None, False, False]

@@ -57,7 +57,8 @@ def test_single_head():
 
 
 def _existing_jobs_survive_0002(url):
-    """A database at 0001 with a job: 0002 adds the audit table and a null audit_id; down and up again."""
+    """A database at 0001 with a job: 0002 adds the audit table and a null audit_id, 0004 defences on;
+    down and up again."""
     import uuid as _uuid
     from datetime import datetime, timezone
 
@@ -85,6 +86,8 @@ def _existing_jobs_survive_0002(url):
         assert "audit" in inspect(eng).get_table_names()
         with eng.connect() as c:
             assert c.execute(text("SELECT audit_id FROM job")).scalar_one() is None
+            # 0004: a job from before the option keeps what it did then, measuring the defences
+            assert c.execute(text("SELECT defences FROM job")).scalar_one() in (True, 1)
         downgrade_schema(url, "0001")
         assert "audit" not in inspect(eng).get_table_names()
         assert "audit_id" not in {col["name"] for col in inspect(eng).get_columns("job")}

@@ -91,6 +91,15 @@ def test_run_job_succeeds_and_stores_artifacts(env):
     assert _get(jid).attempts == 1
 
 
+def test_a_job_without_defences_skips_them(env):
+    from worker.tasks import run_job
+
+    jid = _job(env, defences=False)
+    assert run_job(str(jid)) == "succeeded"
+    job = _get(jid)
+    assert job.metrics["n_poisons"] > 0 and "defences" not in job.metrics
+
+
 def test_features_are_cached_in_the_object_store_across_workers(env):
     import shutil
 
