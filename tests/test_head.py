@@ -93,6 +93,34 @@ def test_train_head_sgd_seeded():
     assert not torch.equal(h1.W, h3.W)
 
 
+@pytest.mark.parametrize("momentum, wd, batch", [(0.0, 0.0, 32), (0.9, 0.0, 64), (0.9, 1e-3, 300), (0.5, 5e-4, 7)])
+def test_sgd_head_equals_torch_sgd_on_autograd(momentum, wd, batch):
+    """The closed-form SGD path is torch.optim.SGD on the autograd loss, step for step."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 6, generator=g) * 2
+    y = torch.arange(300) % 4
+    Z = centers[y] + torch.randn(300, 6, generator=g)
+    r = HeadRecipe(optimizer="sgd", epochs=4, lr=0.3, momentum=momentum, weight_decay=wd, batch_size=batch)
+    got = train_head(Z, y, 4, r, seed=3)
+
+    W = torch.zeros(4, 6, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    opt = torch.optim.SGD([W, b], lr=0.3, momentum=momentum)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        perm = torch.randperm(300, generator=gen)
+        for i in range(0, 300, batch):
+            idx = perm[i : i + batch]
+            opt.zero_grad()
+            loss = F.cross_entropy(torch.addmm(b, Z[idx], W.T), y[idx]) + 0.5 * wd * (W * W).sum()
+            loss.backward()
+            opt.step()
+    torch.testing.assert_close(got.W, W.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.b, b.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_train_head_rejects_non_finite():
     Z = torch.full((10, 3), float("nan"))
     y = torch.zeros(10, dtype=torch.long)
