@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from attacks.catalogue import CATALOGUE, HeadRecipe, JobOptions, UnknownAttackError, get_attack, validate_job
@@ -359,20 +359,7 @@ def cancel(session: Session, audit: Audit) -> Audit:
     if not pending:
         raise Problem(409, f"audit {audit.id} has no unfinished job to cancel")
     audit.cancel_requested = True
-    now = utcnow()
-    # Conditional on the status in the database, not the one read above: a job a worker has
-    # claimed or finished meanwhile is never overwritten (running ones are only flagged).
-    session.execute(
-        update(Job).where(Job.audit_id == audit.id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.cancelled, finished_at=now, error="cancelled before it started",
-                cancel_requested=True)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        update(Job).where(Job.audit_id == audit.id, Job.status == JobStatus.running)
-        .values(cancel_requested=True)
-        .execution_options(synchronize_session=False)
-    )
+    job_service.cancel_where(session, Job.audit_id == audit.id)
     session.commit()
     session.expire_all()
     return audit

@@ -172,24 +172,28 @@ def _replay(job: Job, req_hash: str) -> Job:
     return job
 
 
+def cancel_where(session: Session, *criteria) -> None:
+    """Cancels the jobs matching ``criteria`` (not committed): queued ones at once, running ones
+    flagged for their worker. Both UPDATEs are conditional on the status in the database, not
+    on one read earlier: a job a worker has claimed or finished meanwhile is never overwritten."""
+    session.execute(
+        update(Job).where(*criteria, Job.status == JobStatus.queued)
+        .values(status=JobStatus.cancelled, finished_at=utcnow(), error="cancelled before it started",
+                cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Job).where(*criteria, Job.status == JobStatus.running).values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def cancel(session: Session, job: Job) -> Job:
     """Queued: cancelled at once (the task skips it). Running: flagged; the worker stops
     at its next check and marks it cancelled. Finished: 409."""
     if job.status in FINISHED:
         raise Problem(409, f"job {job.id} already {job.status}")
-    now = utcnow()
-    # Conditional on the status in the database: a worker may have claimed the job since it was read.
-    res = session.execute(
-        update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.cancelled, finished_at=now, error="cancelled before it started",
-                cancel_requested=True)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
-        session.execute(
-            update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(cancel_requested=True)
-            .execution_options(synchronize_session=False)
-        )
+    cancel_where(session, Job.id == job.id)
     session.commit()
     session.refresh(job)
     if job.kind == JobKind.pretrain and job.status == JobStatus.cancelled and job.encoder_id:

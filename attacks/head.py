@@ -144,6 +144,33 @@ def refit_bias(head: Head, Z: torch.Tensor, y: torch.Tensor, iters: int = 200) -
     return Head(head.W.clone(), b.detach().to(head.b.dtype))
 
 
+def _lbfgs(Z: torch.Tensor, y: torch.Tensor, K: int, recipe: HeadRecipe, seed: int) -> Head:
+    """Full-batch L-BFGS (strong-Wolfe line search) on the mean cross-entropy (+ the L2 term on W),
+    from zero; deterministic, so ``seed`` is unused."""
+    W = torch.zeros(K, Z.shape[1], device=Z.device, requires_grad=True)
+    b = torch.zeros(K, device=Z.device, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [W, b],
+        lr=1.0,
+        max_iter=recipe.epochs,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(torch.addmm(b, Z, W.T), y)
+        if recipe.weight_decay:
+            loss = loss + 0.5 * recipe.weight_decay * (W * W).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return Head(W.detach(), b.detach())
+
+
 def _sgd(Z: torch.Tensor, y: torch.Tensor, K: int, recipe: HeadRecipe, seed: int) -> Head:
     """Mini-batch SGD on the mean cross-entropy with its closed-form gradient, (P - Y)^T Z / B,
     rather than an autograd graph per step: on cached features a step is three small GEMMs, and
@@ -201,38 +228,8 @@ def train_head(
     """
     recipe = recipe or HeadRecipe()
     Z = Z.float()
-    K, d = num_classes, Z.shape[1]
-    W = torch.zeros(K, d, device=Z.device, requires_grad=True)
-    b = torch.zeros(K, device=Z.device, requires_grad=True)
-    wd = recipe.weight_decay
-
-    def objective(Zb, yb):
-        loss = F.cross_entropy(torch.addmm(b, Zb, W.T), yb)
-        if wd:
-            loss = loss + 0.5 * wd * (W * W).sum()
-        return loss
-
-    if recipe.optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(
-            [W, b],
-            lr=1.0,
-            max_iter=recipe.epochs,
-            history_size=20,
-            tolerance_grad=1e-9,
-            tolerance_change=1e-12,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure():
-            opt.zero_grad(set_to_none=False)
-            loss = objective(Z, y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        head = Head(W.detach(), b.detach())
-    else:
-        head = _sgd(Z, y, K, recipe, seed)
+    fit = _lbfgs if recipe.optimizer == "lbfgs" else _sgd
+    head = fit(Z, y, num_classes, recipe, seed)
     if not (torch.isfinite(head.W).all() and torch.isfinite(head.b).all()):
         raise FloatingPointError("linear head training diverged (non-finite weights)")
     return head

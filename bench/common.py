@@ -33,6 +33,22 @@ def timeit(fn: Callable[[], object], *, repeat: int = 3, warmup: int = 1, device
     return statistics.median(times)
 
 
+def timeit_alternating(fns: list[Callable[[], object]], *, repeat: int, device="cpu") -> list[float]:
+    """Median wall seconds of each fn, after one warm-up call each, timed in alternation (one call
+    of each per repeat) so that drifting machine load hits every side alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, acc in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            acc.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":

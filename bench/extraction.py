@@ -11,14 +11,12 @@ error against fp32.
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
 
 from attacks.encoders import EncoderSpec, build_encoder, freeze, place
 from attacks.features import extract_features
-from bench.common import device_name, sync, table, write
+from bench.common import device_name, table, timeit_alternating, write
 
 CONFIGS = [
     ("small_cnn", EncoderSpec(arch="small_cnn", in_channels=1), (1, 28, 28), 512, 8192),
@@ -49,16 +47,7 @@ def run(device: str = "cpu", quick: bool = False, repeat: int = 5) -> list[dict]
             def extract():
                 return extract_features(encoder, x, batch_size=bs, device=dev, amp=amp)
 
-            bare(), extract()  # warm-up
-            t_bare, t_ext = [], []
-            for _ in range(repeat):
-                for fn, acc in ((bare, t_bare), (extract, t_ext)):
-                    sync(dev)
-                    t0 = time.perf_counter()
-                    fn()
-                    sync(dev)
-                    acc.append(time.perf_counter() - t0)
-            tb, te = statistics.median(t_bare), statistics.median(t_ext)
+            tb, te = timeit_alternating([bare, extract], repeat=repeat, device=dev)
             rel = ((extract() - z32).norm() / z32.norm()).item()
             rows.append(dict(encoder=name, image="x".join(map(str, shape)), n=n, batch=bs, amp=amp,
                              bare_forward_img_per_s=n / tb, extraction_img_per_s=n / te, ratio=tb / te,

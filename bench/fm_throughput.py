@@ -12,14 +12,12 @@ per second of encoder forward + input VJP).
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
 
 from attacks.encoders import EncoderSpec, build_encoder, freeze, place
 from attacks.feature_matching import match_features
-from bench.common import device_name, sync, table, write
+from bench.common import device_name, table, timeit_alternating, write
 
 # (name, spec, image shape, batch size)
 CONFIGS = [
@@ -58,16 +56,8 @@ def run(device: str = "cpu", quick: bool = False, repeat: int = 5) -> list[dict]
             def attack():
                 match_features(encoder, base, zeta, beta=0.25, steps=steps, lr=0.1, batch_size=bs, device=dev, amp=amp)
 
-            limit(), attack()  # warm-up (allocator, cudnn / oneDNN primitives)
-            t_limit, t_attack = [], []
-            for _ in range(repeat):  # alternate, so drifting machine load hits both sides alike
-                for fn, acc in ((limit, t_limit), (attack, t_attack)):
-                    sync(dev)
-                    t0 = time.perf_counter()
-                    fn()
-                    sync(dev)
-                    acc.append(time.perf_counter() - t0)
-            tl, ta = statistics.median(t_limit), statistics.median(t_attack)
+            # warm-up inside (allocator, cudnn / oneDNN primitives), then alternating repeats
+            tl, ta = timeit_alternating([limit, attack], repeat=repeat, device=dev)
             rows.append(dict(encoder=name, image=("x".join(map(str, shape))), batch=bs, steps=steps, amp=amp,
                              encoder_fwd_bwd_img_per_s=bs * steps / tl, fm_img_steps_per_s=bs * steps / ta,
                              ratio=tl / ta, target=0.8, met=tl / ta >= 0.8))
