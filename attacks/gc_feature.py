@@ -40,7 +40,7 @@ import torch
 
 from attacks.catalogue import GCFeatureParams
 from attacks.errors import AttackDiverged
-from attacks.head import Head, gc_loss_and_grad, summed_gradient
+from attacks.head import GCStep, Head, gc_loss_and_grad, summed_gradient
 from attacks.progress import ProgressFn
 
 
@@ -93,7 +93,9 @@ def gradient_canceling(
     y = y.to(Z.device)
     target64 = Head(target.W.double(), target.b.double())
     G64 = Head(G.W.double(), G.b.double())
-    loss0, _ = gc_loss_and_grad(target64, G64, Z, y, cancel_bias)
+    # One step, replayed from a CUDA graph on a GPU (the eager closed form on the CPU).
+    step = GCStep(target64, G64, y, like=Z, cancel_bias=cancel_bias)
+    loss0 = step(Z)[0].clone()
     # Scale-free step: the first steps move a poison by about lr * (its feature norm
     # scale), whatever the encoder's feature scale or the size of the clean set.
     scale = feature_scale if feature_scale is not None else Z.norm(dim=1).mean().item()
@@ -112,7 +114,7 @@ def gradient_canceling(
         if progress and t % 10 == 0:
             progress(t / steps)
         eta = base * 0.5 * (1 + math.cos(math.pi * t / steps))
-        loss, grad = gc_loss_and_grad(target64, G64, Z, y, cancel_bias)
+        loss, grad = step(Z)
         lv = loss.item()
         if not math.isfinite(lv) or lv > 10 * max(best_loss, ref):
             halvings += 1
@@ -137,7 +139,7 @@ def gradient_canceling(
         done = t + 1
     if progress:
         progress(1.0)
-    final, _ = gc_loss_and_grad(target64, G64, Z, y, cancel_bias)
+    final = step(Z)[0].clone()
     if math.isfinite(final.item()) and (pulling or final.item() <= best_loss):
         best_loss, best_Z = final.item(), Z
     if not torch.isfinite(best_Z).all():

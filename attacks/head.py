@@ -85,7 +85,16 @@ def gc_loss_and_grad(
     Zp: (n, d) poisoned features; yp: (n,) their labels.
     Returns (loss scalar, dloss/dZp (n, d)).
     """
-    P, R = residuals(head, Zp, yp)
+    Y = torch.zeros(Zp.shape[0], head.num_classes, dtype=Zp.dtype, device=Zp.device)
+    Y[torch.arange(Zp.shape[0], device=Zp.device), yp] = 1.0
+    return _gc_closed_form(head, G, Zp, Y, cancel_bias)
+
+
+def _gc_closed_form(head: Head, G: Head, Zp: torch.Tensor, Y: torch.Tensor, cancel_bias: bool):
+    """gc_loss_and_grad with the labels given one-hot (Y: (n, K)): no indexing, no host sync,
+    so one call can be captured in a CUDA graph."""
+    P = torch.softmax(head.logits(Zp), dim=1)
+    R = P - Y
     A = G.W + R.T @ Zp  # (K, d)
     loss = 0.5 * (A * A).sum()
     if cancel_bias:
@@ -98,6 +107,50 @@ def gc_loss_and_grad(
     V = PU - P * PU.sum(1, keepdim=True)
     grad = R @ A + V @ head.W
     return loss, grad
+
+
+class GCStep:
+    """The closed-form GC loss and gradient at a fixed target, clean gradient and labels,
+    as the GC loop calls it once per step: ``loss, grad = step(Z)``.
+
+    On CUDA (``graph`` None or True) the step is captured once in a CUDA graph and each call
+    replays it: a few microseconds of launch instead of a dozen eager kernel launches, which
+    is what a GC step at these sizes costs on a GPU. The returned tensors are the graph's
+    static outputs, overwritten by the next call: use them (or clone them) before calling
+    again. On the CPU, or with ``graph=False``, it is :func:`gc_loss_and_grad`, eager.
+    """
+
+    def __init__(self, head: Head, G: Head, yp: torch.Tensor, like: torch.Tensor, cancel_bias: bool = False,
+                 graph: bool | None = None):
+        self.head, self.G, self.cancel_bias = head, G, cancel_bias
+        n = like.shape[0]
+        self.Y = torch.zeros(n, head.num_classes, dtype=like.dtype, device=like.device)
+        self.Y[torch.arange(n, device=like.device), yp.to(like.device)] = 1.0
+        use_graph = like.is_cuda if graph is None else graph
+        if use_graph and not like.is_cuda:
+            raise ValueError("a CUDA graph needs CUDA tensors")
+        self.graph = None
+        if use_graph:
+            self._capture(like)
+
+    def _capture(self, like: torch.Tensor) -> None:
+        self.Z = like.detach().clone()
+        side = torch.cuda.Stream(device=like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS workspaces, handles)
+            for _ in range(2):
+                _gc_closed_form(self.head, self.G, self.Z, self.Y, self.cancel_bias)
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.grad = _gc_closed_form(self.head, self.G, self.Z, self.Y, self.cancel_bias)
+
+    def __call__(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is None:
+            return _gc_closed_form(self.head, self.G, Z, self.Y, self.cancel_bias)
+        self.Z.copy_(Z)
+        self.graph.replay()
+        return self.loss, self.grad
 
 
 def gc_loss_and_grad_autograd(

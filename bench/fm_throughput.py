@@ -24,6 +24,10 @@ CONFIGS = [
     ("small_cnn", EncoderSpec(arch="small_cnn", in_channels=1), (1, 28, 28), 256),
     ("resnet18", EncoderSpec(arch="resnet18", in_channels=3), (3, 32, 32), 128),
 ]
+# paper scale, GPU only
+CUDA_CONFIGS = [
+    ("resnet50", EncoderSpec(arch="resnet50", in_channels=3), (3, 224, 224), 64),
+]
 
 
 def encoder_fwd_bwd(encoder, x: torch.Tensor, v: torch.Tensor, steps: int) -> None:
@@ -36,7 +40,7 @@ def encoder_fwd_bwd(encoder, x: torch.Tensor, v: torch.Tensor, steps: int) -> No
 
 def run(device: str = "cpu", quick: bool = False, repeat: int = 5) -> list[dict]:
     dev = torch.device(device)
-    configs = CONFIGS[:1] if quick else CONFIGS
+    configs = CONFIGS[:1] if quick else CONFIGS + (CUDA_CONFIGS if dev.type == "cuda" else [])
     amps = [False, True] if dev.type == "cuda" else [False]
     steps = 5 if quick else 10
     rows = []

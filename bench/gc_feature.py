@@ -4,13 +4,17 @@ The reference (plim) gets d/dZp of 1/2||G + grad_w l(Zp)||^2 by
 `torch.autograd.grad(loss, w, create_graph=True)` and a second backward pass.
 Both sides here use the same constant clean gradient G (computed once) and
 take the same number of steps; the gradients are checked to agree.
+
+On CUDA a third column times the step as `gradient_canceling` runs it there: the
+closed form captured once in a CUDA graph and replayed (`attacks.head.GCStep`);
+`speedup` is autograd over that path, `speedup_eager` autograd over the eager closed form.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attacks.head import Head, gc_loss_and_grad, gc_loss_and_grad_autograd, summed_gradient
+from attacks.head import GCStep, Head, gc_loss_and_grad, gc_loss_and_grad_autograd, summed_gradient
 from bench.common import device_name, table, timeit, write
 
 
@@ -42,10 +46,24 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
         t_cf = timeit(closed, device=dev)
         t_ag = timeit(autograd, device=dev)
-        rows.append(
-            dict(N=N, d=d, K=K, poisons=n, closed_ms_per_step=1e3 * t_cf / steps,
-                 autograd_ms_per_step=1e3 * t_ag / steps, speedup=t_ag / t_cf, grad_rel_diff=rel)
-        )
+        row = dict(N=N, d=d, K=K, poisons=n, closed_ms_per_step=1e3 * t_cf / steps,
+                   autograd_ms_per_step=1e3 * t_ag / steps, speedup=t_ag / t_cf, grad_rel_diff=rel)
+        if dev.type == "cuda":
+            step = GCStep(head, G, yp, like=Zp)
+            rel_graph = ((step(Zp)[1] - g_ag).norm() / g_ag.norm()).item()
+
+            def graphed():
+                for _ in range(steps):
+                    step(Zp)
+
+            t_gr = timeit(graphed, device=dev)
+            row.update(graph_ms_per_step=1e3 * t_gr / steps, speedup_eager=t_ag / t_cf, speedup=t_ag / t_gr,
+                       graph_grad_rel_diff=rel_graph)
+        rows.append(row)
     write("gc_feature", rows, {"device": device_name(dev)})
-    print(table(rows, ["N", "d", "poisons", "closed_ms_per_step", "autograd_ms_per_step", "speedup", "grad_rel_diff"]))
+    cols = ["N", "d", "poisons", "closed_ms_per_step", "autograd_ms_per_step", "speedup", "grad_rel_diff"]
+    if dev.type == "cuda":
+        cols[4:4] = ["graph_ms_per_step"]
+        cols += ["speedup_eager", "graph_grad_rel_diff"]
+    print(table(rows, cols))
     return rows

@@ -103,3 +103,44 @@ def test_cuda_features_match_the_cpu(small, amp, rtol):
     z_gpu = extract_features(gpu, x, batch_size=16, device="cuda", amp=amp)
     assert z_gpu.device.type == "cpu" and z_gpu.dtype == torch.float32
     assert _rel(z_gpu, z_cpu) < rtol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_gc_step_replays_the_eager_step():
+    """The captured GC step gives the eager closed form's loss and gradient at every replay,
+    for new inputs copied into it (float64, so equal to rounding)."""
+    from attacks.head import GCStep, Head, gc_loss_and_grad, summed_gradient
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(500, 32, generator=g, dtype=torch.float64).cuda()
+    y = torch.randint(0, 10, (500,), generator=g).cuda()
+    head = Head(torch.randn(10, 32, generator=g, dtype=torch.float64).cuda(), torch.zeros(10, dtype=torch.float64).cuda())
+    G = summed_gradient(head, Z, y)
+    Zp, yp = Z[:40] * 2, y[:40]
+    step = GCStep(head, G, yp, like=Zp, cancel_bias=True)
+    assert step.graph is not None
+    for k in range(3):
+        Zi = Zp + 0.1 * k
+        loss, grad = step(Zi)
+        ref_loss, ref_grad = gc_loss_and_grad(head, G, Zi, yp, cancel_bias=True)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gradient_canceling_matches_the_cpu():
+    """The whole GC loop (graph replay on CUDA, eager on the CPU) reaches the same features."""
+    from attacks.gc_feature import gradient_canceling
+    from attacks.head import Head, summed_gradient
+
+    g = torch.Generator().manual_seed(1)
+    Z = torch.randn(400, 16, generator=g)
+    y = torch.randint(0, 5, (400,), generator=g)
+    target = Head(torch.randn(5, 16, generator=g), torch.zeros(5))
+    G = summed_gradient(target, Z, y)
+    kw = dict(steps=200, lr=0.5, stop_loss=0.0, floor=-1.0)
+    z_cpu, info_cpu = gradient_canceling(target, G, Z[:30], y[:30], **kw)
+    z_gpu, info_gpu = gradient_canceling(target.to("cuda"), G.to("cuda"), Z[:30].cuda(), y[:30].cuda(), **kw)
+    assert info_gpu["gc_loss_final"] < 0.5 * info_gpu["gc_loss_initial"]
+    assert abs(info_gpu["gc_loss_final"] - info_cpu["gc_loss_final"]) <= 1e-6 * info_cpu["gc_loss_initial"]
+    assert _rel(z_gpu.cpu(), z_cpu) < 1e-6

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.catalogue import HeadRecipe
-from attacks.head import Head, accuracy, gc_loss_and_grad, gc_loss_and_grad_autograd, hvp, summed_gradient, train_head
+from attacks.head import GCStep, Head, accuracy, gc_loss_and_grad, gc_loss_and_grad_autograd, hvp, summed_gradient, train_head
 
 
 def _problem(n=40, d=7, K=4, seed=0):
@@ -36,6 +36,21 @@ def test_gc_closed_form_matches_double_backprop(cancel_bias):
     torch.testing.assert_close(loss, loss_ref)
     rel = (grad - grad_ref).norm() / grad_ref.norm()
     assert rel < 1e-10
+
+
+def test_gc_step_is_the_closed_form_and_needs_cuda_for_a_graph():
+    Z, y, head = _problem(seed=5)
+    G = summed_gradient(head, Z, y)
+    Zp, yp = Z[:9] * 2, y[:9]
+    step = GCStep(head, G, yp, like=Zp, cancel_bias=True)
+    assert step.graph is None  # eager on the CPU
+    for Zi in (Zp, Zp + 0.5):
+        loss, grad = step(Zi)
+        ref_loss, ref_grad = gc_loss_and_grad(head, G, Zi, yp, cancel_bias=True)
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(grad, ref_grad)
+    with pytest.raises(ValueError, match="CUDA graph needs CUDA tensors"):
+        GCStep(head, G, yp, like=Zp, graph=True)
 
 
 @pytest.mark.parametrize("cancel_bias", [False, True])
