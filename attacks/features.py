@@ -93,20 +93,30 @@ def extract_features(
     if batch_size is None:
         batch_size = default_batch_size(device)
     n = x.shape[0]
+    cuda = device.type == "cuda"
     out: torch.Tensor | None = None
+    # On CUDA the finiteness check runs on each batch where it is (one small reduction, no
+    # sync) instead of a host pass over the whole output at the end.
+    bad = torch.zeros((), dtype=torch.bool, device=device) if cuda else None
     for i, xb in _device_batches(x, batch_size, device):
         with torch.inference_mode(), autocast_for(device, amp):
             zb = encoder(xb)
         if out is None:  # allocated outside inference mode: the features may enter autograd later
-            out = torch.empty(n, zb.shape[1], dtype=torch.float32, pin_memory=device.type == "cuda")
-        out[i : i + zb.shape[0]].copy_(zb, non_blocking=device.type == "cuda")
+            out = torch.empty(n, zb.shape[1], dtype=torch.float32, pin_memory=cuda)
+        if cuda:
+            with torch.inference_mode():
+                bad = bad | ~torch.isfinite(zb).all()
+        out[i : i + zb.shape[0]].copy_(zb, non_blocking=cuda)
         if progress:
             progress(min(i + batch_size, n) / n)
     if out is None:
         raise ValueError("cannot extract features of an empty set")
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(device)
-    if not torch.isfinite(out).all():
+        finite = not bad.item()
+    else:
+        finite = bool(torch.isfinite(out).all())
+    if not finite:
         raise FloatingPointError("the encoder produced non-finite features")
     return out
 

@@ -22,7 +22,9 @@ py=${PYTHON:-python3}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   echo "== tests (CUDA) =="
-  timeout 240 $py -m pytest -q -p no:cacheprovider -m "not slow" tests/test_device.py tests/test_head.py \
+  timeout 120 $py -m pytest -q -s -p no:cacheprovider tests/test_device.py 2>&1 | tail -30
+  echo "device tests rc=${PIPESTATUS[0]}"
+  timeout 240 $py -m pytest -q -p no:cacheprovider -m "not slow" tests/test_head.py \
     tests/test_catalogue.py tests/test_pipeline.py tests/test_input_attacks.py tests/test_emn.py \
     tests/test_decoder_inversion.py tests/test_scenario.py tests/test_defences.py tests/test_stage_cache.py \
     tests/test_encoders.py 2>&1 | tail -40

@@ -141,6 +141,49 @@ def test_cuda_gradient_canceling_matches_the_cpu():
     kw = dict(steps=200, lr=0.5, stop_loss=0.0, floor=-1.0)
     z_cpu, info_cpu = gradient_canceling(target, G, Z[:30], y[:30], **kw)
     z_gpu, info_gpu = gradient_canceling(target.to("cuda"), G.to("cuda"), Z[:30].cuda(), y[:30].cuda(), **kw)
-    assert info_gpu["gc_loss_final"] < 0.5 * info_gpu["gc_loss_initial"]
-    assert abs(info_gpu["gc_loss_final"] - info_cpu["gc_loss_final"]) <= 1e-6 * info_cpu["gc_loss_initial"]
-    assert _rel(z_gpu.cpu(), z_cpu) < 1e-6
+    # On the CPU this run takes the loss from 35,038 to 24,177 (first H200 run: 24,149 on CUDA,
+    # a 1e-3 relative gap after 200 steps, from a 1e-7 gap in the initial loss; see below).
+    print("initial", info_cpu["gc_loss_initial"], info_gpu["gc_loss_initial"],
+          "final", info_cpu["gc_loss_final"], info_gpu["gc_loss_final"], "rel Z", _rel(z_gpu.cpu(), z_cpu))
+    assert info_gpu["gc_loss_final"] < 0.8 * info_gpu["gc_loss_initial"]
+    assert abs(info_gpu["gc_loss_final"] - info_cpu["gc_loss_final"]) <= 5e-3 * info_cpu["gc_loss_initial"]
+    assert _rel(z_gpu.cpu(), z_cpu) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gc_closed_form_matches_the_cpu_in_float64():
+    """One float64 GC loss and gradient, CPU against CUDA (eager): agreement to float64
+    rounding unless the GPU's float64 GEMMs are not IEEE float64 (printed for the record)."""
+    from attacks.head import Head, gc_loss_and_grad, summed_gradient
+
+    g = torch.Generator().manual_seed(1)
+    Z = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (400,), generator=g)
+    target = Head(torch.randn(5, 16, generator=g, dtype=torch.float64), torch.zeros(5, dtype=torch.float64))
+    G = summed_gradient(target, Z, y)
+    lc, gc = gc_loss_and_grad(target, G, Z[:30], y[:30])
+    lg, gg = gc_loss_and_grad(target.to("cuda"), G.to("cuda"), Z[:30].cuda(), y[:30].cuda())
+    a, b = torch.ones(64, 64, dtype=torch.float64) / 3, torch.ones(64, 64, dtype=torch.float64) / 7
+    mm_rel = _rel((a.cuda() @ b.cuda()).cpu(), a @ b)
+    print("loss rel", abs(lg.item() - lc.item()) / lc.item(), "grad rel", _rel(gg.cpu(), gc), "dgemm rel", mm_rel)
+    assert abs(lg.item() - lc.item()) <= 1e-6 * lc.item()
+    assert _rel(gg.cpu(), gc) < 1e-6
+
+
+class _InfOnNegative(torch.nn.Module):
+    """A stand-in encoder whose features are inf for an image with a negative first pixel."""
+
+    def forward(self, x):
+        z = x.flatten(1)[:, :4].clone()
+        return torch.where(x.flatten(1)[:, :1] < 0, torch.full_like(z, float("inf")), z)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_extraction_refuses_non_finite_features(device):
+    x = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    enc = _InfOnNegative().to(device)
+    assert torch.isfinite(extract_features(enc, x, batch_size=16, device=device)).all()
+    x[33, 0, 0, 0] = -1.0  # in the last, ragged batch
+    with pytest.raises(FloatingPointError, match="non-finite features"):
+        extract_features(enc, x, batch_size=16, device=device)
