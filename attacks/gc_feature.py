@@ -63,6 +63,11 @@ def feature_floor(how: str, Z: torch.Tensor) -> float | None:
     return None
 
 
+def feature_ceiling(multiple: float | None, Z: torch.Tensor) -> torch.Tensor | None:
+    """Per-coordinate upper bound for zeta: ``multiple`` times each coordinate's clean maximum."""
+    return None if multiple is None else multiple * Z.max(0).values
+
+
 def gradient_canceling(
     target: Head,
     G: Head,
@@ -77,6 +82,7 @@ def gradient_canceling(
     pull_weight: float = 0.0,
     feature_scale: float | None = None,
     floor: float | None = None,
+    ceiling: torch.Tensor | None = None,
     progress=None,
 ) -> tuple[torch.Tensor, dict]:
     """Minimise 1/2||G + sum_j grad l(z_j)||^2 over Z by cosine-decayed gradient descent.
@@ -88,6 +94,9 @@ def gradient_canceling(
     Z >= floor (projected gradient descent). Returns (Z, info).
     """
     Z = Z0.clone().double()
+    if ceiling is not None:
+        ceiling = ceiling.to(Z)
+        Z = torch.minimum(Z, ceiling)
     if pull_to is not None:
         pull_to = pull_to.to(Z)
     y = y.to(Z.device)
@@ -136,6 +145,8 @@ def gradient_canceling(
             Z = (Z + rho * pull_to) / (1 + rho)
         if floor is not None:
             Z = Z.clamp_(min=floor)
+        if ceiling is not None:
+            Z = torch.minimum(Z, ceiling)
         done = t + 1
     if progress:
         progress(1.0)
@@ -169,6 +180,7 @@ def poisoned_features(ctx, params: GCFeatureParams, epsilon: float, seed: int, p
     G = summed_gradient(target, ctx.Z_train, ctx.y_train)
 
     floor = feature_floor(params.feature_floor, ctx.Z_train)
+    ceiling = feature_ceiling(params.feature_ceiling, ctx.Z_train)
 
     def compute():
         n = n_poisons(epsilon, ctx.Z_train.shape[0])
@@ -184,6 +196,7 @@ def poisoned_features(ctx, params: GCFeatureParams, epsilon: float, seed: int, p
             stop_loss=params.stop_loss,
             feature_scale=ctx.Z_train.norm(dim=1).mean().item(),
             floor=floor,
+            ceiling=ceiling,
             progress=lambda f: report("gc_feature", f),
         )
         clean_norm = ctx.Z_train.norm(dim=1).mean().item()
@@ -197,6 +210,7 @@ def poisoned_features(ctx, params: GCFeatureParams, epsilon: float, seed: int, p
     zeta, idx = out["zeta"], out["idx"].cpu()
     info.update(gc_info)
     info["gc_feature_floor"] = floor
+    info["gc_feature_ceiling"] = params.feature_ceiling
     return target, G, zeta, ctx.y_train[idx], idx, info
 
 

@@ -293,6 +293,31 @@ def test_gradient_canceling_floor_keeps_zeta_in_a_relu_encoders_range():
     assert feature_floor("auto", Z - 1) is None and feature_floor("none", Z) is None
 
 
+def test_gradient_canceling_ceiling_keeps_zeta_in_the_clean_features_range():
+    """Unbounded, GC grows some poisons' features past anything an image gives; with the ceiling
+    (a multiple of each coordinate's clean maximum) every coordinate stays below it, with the floor."""
+    from attacks.gc_feature import feature_ceiling, gradient_canceling
+    from attacks.gradpc import gradpc_target
+    from attacks.head import summed_gradient, train_head
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.rand(3, 6, generator=g) * 2
+    y = torch.arange(300) % 3
+    Z = (centers[y] + 0.5 * torch.randn(300, 6, generator=g)).clamp(min=0)
+    target = gradpc_target(train_head(Z, y, 3), Z, y, eps_w=10.0, corrupt="weights", refit=True)
+    G = summed_gradient(target, Z, y)
+    cap = feature_ceiling(1.0, Z)
+    assert cap.shape == (6,) and torch.equal(cap, Z.max(0).values) and feature_ceiling(None, Z) is None
+    kw = dict(steps=300, lr=0.5, stop_loss=0.0, floor=0.0)
+    free, _ = gradient_canceling(target, G, Z[:30], y[:30], **kw)
+    boxed, info = gradient_canceling(target, G, Z[:30], y[:30], ceiling=cap, **kw)
+    assert (free > 2 * cap).any()  # the setting does push zeta past the clean range (measured 2.3x)
+    assert (boxed <= cap + 1e-6).all() and boxed.min() >= 0
+    assert info["gc_loss_final"] < 0.05 * info["gc_loss_initial"]  # measured 0.023
+    half, _ = gradient_canceling(target, G, Z[:30], y[:30], ceiling=feature_ceiling(0.5, Z), **kw)
+    assert (half <= 0.5 * cap + 1e-6).all()  # also when the start is above it: clipped at once
+
+
 def test_same_label_pairing_keeps_the_labels_gc_computed_zeta_for(tiny_encoder, digits_small):
     from attacks.feature_matching import nearest_clean_same_label
 

@@ -31,7 +31,7 @@ def test_second_job_of_an_audit_reuses_the_shared_stages(tiny_encoder, digits_sm
     # feature matching with GC unconstrained, at two betas: both start from gc_feature's target and zeta
     for beta in (0.25, 0.05):
         m = _run(tiny_encoder, digits_small, "feature_matching", StageCache(memory=memory), beta=beta,
-                 params={**FM, "feature_floor": "none"})
+                 params={**FM, "feature_floor": "none", "feature_ceiling": None})
         assert _hits(m) == {"clean_head": "memory", "gradpc_target": "memory", "gc_features": "memory"}
         assert m["stage_cache"]["hits"] == 3 and m["stage_cache"]["misses"] == 0
         assert m["stage_cache"]["seconds_saved"] > 0
@@ -42,7 +42,11 @@ def test_second_job_of_an_audit_reuses_the_shared_stages(tiny_encoder, digits_sm
         m = _run(tiny_encoder, digits_small, "feature_matching", StageCache(memory=memory), beta=beta,
                  params={**FM, "feature_floor": floor})
         assert _hits(m)["gc_features"] == (None if (beta, floor) == (0.25, "auto") else "memory")
-        assert m["gc_feature_floor"] == 0.0
+        assert m["gc_feature_floor"] == 0.0 and m["gc_feature_ceiling"] == 1.0
+    # another ceiling is another GC run
+    m = _run(tiny_encoder, digits_small, "feature_matching", StageCache(memory=memory), beta=0.25,
+             params={**FM, "feature_ceiling": 2.0})
+    assert _hits(m)["gc_features"] is None and m["gc_feature_ceiling"] == 2.0
     # gradpc needs the clean head and the target only
     g = _run(tiny_encoder, digits_small, "gradpc", StageCache(memory=memory), params={"eps_w": 2.0})
     assert _hits(g) == {"clean_head": "memory", "gradpc_target": "memory"}
