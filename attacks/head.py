@@ -17,6 +17,7 @@ None of these builds an autograd graph: no double backprop anywhere.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +132,11 @@ class GCStep:
             raise ValueError("a CUDA graph needs CUDA tensors")
         self.graph = None
         if use_graph:
-            self._capture(like)
+            try:
+                self._capture(like)
+            except RuntimeError as exc:  # e.g. a capture refused by the driver: the eager step is the same math
+                warnings.warn(f"GC step: CUDA graph capture failed ({exc}); running eagerly", RuntimeWarning)
+                self.graph = None
 
     def _capture(self, like: torch.Tensor) -> None:
         self.Z = like.detach().clone()
@@ -141,9 +146,11 @@ class GCStep:
             for _ in range(2):
                 _gc_closed_form(self.head, self.G, self.Z, self.Y, self.cancel_bias)
         torch.cuda.current_stream(like.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA work of other threads in the process (a threaded worker) does not break the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.loss, self.grad = _gc_closed_form(self.head, self.G, self.Z, self.Y, self.cancel_bias)
+        self.graph = graph
 
     def __call__(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is None:
