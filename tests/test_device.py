@@ -147,7 +147,7 @@ def test_cuda_gradient_canceling_matches_the_cpu():
           "final", info_cpu["gc_loss_final"], info_gpu["gc_loss_final"], "rel Z", _rel(z_gpu.cpu(), z_cpu))
     assert info_gpu["gc_loss_final"] < 0.8 * info_gpu["gc_loss_initial"]
     assert abs(info_gpu["gc_loss_final"] - info_cpu["gc_loss_final"]) <= 5e-3 * info_cpu["gc_loss_initial"]
-    assert _rel(z_gpu.cpu(), z_cpu) < 1e-2
+    assert _rel(z_gpu.cpu(), z_cpu) < 5e-2  # measured 8.1e-3 (H200, three runs alike)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
