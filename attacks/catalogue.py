@@ -206,6 +206,11 @@ class GCInputParams(_GCParams):
     penalty: float = Field(
         1.0, ge=0, le=1e6, description="Weight of 1/2 ||nu - mu'||^2 when constrained (paper: 1)."
     )
+    gc_optimizer: Literal["gd", "adam"] = Field(
+        "gd",
+        description="'gd': the paper's gradient descent on the pixels; 'adam': the step preconditioned per "
+        "pixel by Adam's moment estimates (the penalty and the clipping unchanged).",
+    )
     gc_lr: float = Field(
         0.1,
         gt=0,

@@ -175,6 +175,7 @@ def input_gradient_canceling(
     batch_size: int = 256,
     device="cpu",
     amp: bool = False,
+    optimizer: str = "gd",
     progress: Callable[[float], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Minimise 1/2||G + sum_j grad_omega l(f(nu_j), y_j)||^2 (+ penalty/2 ||nu - mu||^2) over nu.
@@ -209,6 +210,7 @@ def input_gradient_canceling(
     ref = None
     gc0 = None
     halvings, done = 0, 0
+    m1 = m2 = None
     for t in range(steps):
         if progress and t % 10 == 0:
             progress(t / steps)
@@ -238,6 +240,13 @@ def input_gradient_canceling(
             base = base / 2 if base is not None else None
             nu = best[2].clone()
             continue
+        if optimizer == "adam":
+            if m1 is None:
+                m1, m2, k = torch.zeros_like(g), torch.zeros_like(g), 0
+            k += 1
+            m1.mul_(0.9).add_(g, alpha=0.1)
+            m2.mul_(0.999).addcmul_(g, g, value=0.001)
+            g = (m1 / (1 - 0.9 ** k)) / ((m2 / (1 - 0.999 ** k)).sqrt() + 1e-12)
         if base is None:
             # Scale-free step: the first step moves a poison by about lr * image_scale.
             g0 = g.reshape(n, -1).norm(dim=1).mean().item()
@@ -299,6 +308,7 @@ def run(ctx, params: GCInputParams, *, epsilon: float, beta: float | None, seed:
         batch_size=params.batch_size,
         device=ctx.device,
         amp=ctx.amp,
+        optimizer=params.gc_optimizer,
         progress=lambda f: report("gc_input", f),
     )
     info.update(gc_info)

@@ -213,6 +213,26 @@ def test_gc_input_optimises_the_residual(tiny_encoder, digits_small, gc_setup):
     assert info["gc_steps_run"] == 25
 
 
+def test_gc_input_adam_preconditions_the_step(tiny_encoder, digits_small, gc_setup):
+    """optimizer "adam": a different path from GD's that also lowers the residual; constrained it
+    keeps the clipping; an unknown optimizer name is refused by the parameter model."""
+    from pydantic import ValidationError
+
+    from attacks.catalogue import GCInputParams
+
+    x = digits_small.x_train
+    lo, hi = float(x.min()), float(x.max())
+    gd, _, _ = _gc(tiny_encoder, digits_small, gc_setup, constrained=False)
+    adam, _, info = _gc(tiny_encoder, digits_small, gc_setup, constrained=False, optimizer="adam")
+    assert not torch.allclose(adam, gd)
+    assert info["gc_loss_final"] < 0.5 * info["gc_loss_initial"]
+    con, _, _ = _gc(tiny_encoder, digits_small, gc_setup, constrained=True, optimizer="adam", lr=0.01)
+    assert con.min() >= lo and con.max() <= hi and not torch.equal(con, x[:60])
+    assert GCInputParams(gc_optimizer="adam").gc_optimizer == "adam" and GCInputParams().gc_optimizer == "gd"
+    with pytest.raises(ValidationError, match="gc_optimizer"):
+        GCInputParams(gc_optimizer="lbfgs")
+
+
 def test_constrained_poisons_stay_in_range_unconstrained_leave_it(tiny_encoder, digits_small, gc_setup):
     x = digits_small.x_train
     lo, hi = float(x.min()), float(x.max())

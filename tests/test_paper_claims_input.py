@@ -19,12 +19,13 @@ stop paying; gc_lr 1 and 3 needed step halvings and ended higher. Each GC run ta
 
 Measured (seed 0): clean 91.9%, target 58.3%; GC input unconstrained 88.9% (drop 3.1 points,
 L_inf up to ~14, half the pixels outside the clean range), constrained 90.0% (drop 1.9
-points, inside the range). Asserted: the unconstrained attack is stronger (not *far*
-stronger: the issue's "far more" is NOT reached and not asserted), its poisons are far
-larger (>= 5x L_inf, >= 3x distance to base), constrained poisons of both attacks stay
-inside the clean range. The drops are far below the paper's (29.5 vs 2.5 points on
-CIFAR-10): plain gradient descent in pixel space stalls far from the target on this
-encoder (feature-space GC, 300 steps, also gets only to 84.7%). The numbers are printed
+points, inside the range). Plain gradient descent on the pixels stalls: over seeds 0-3 it is
+1.9 vs 1.1 points on average. With the Adam-preconditioned step (gc_optimizer "adam", 3,000
+steps, ~4 s a run) the unconstrained attack drops 5.1 points on average against 1.6
+constrained, larger at every seed: that is the "far more" asserted, with poisons far larger
+(>= 5x L_inf, >= 3x distance to base) and constrained poisons of both attacks inside the
+clean range. Still far below the paper's 29.5 vs 2.5 points on CIFAR-10: feature-space GC
+itself reaches only 79-82% against the 58% target with 43 poisons. The numbers are printed
 (run with -s).
 """
 
@@ -73,8 +74,8 @@ def cache():
     return FeatureCache()
 
 
-def _run(enc, ds, cache, attack, params):
-    r = run_job(encoder=enc, dataset=ds, attack=attack, epsilon=0.03, params=params, device="cpu", seed=0,
+def _run(enc, ds, cache, attack, params, seed=0):
+    r = run_job(encoder=enc, dataset=ds, attack=attack, epsilon=0.03, params=params, device="cpu", seed=seed,
                 cache=cache)
     m, ps = r.metrics, r.metrics["poison_stats"]
     print(
@@ -89,6 +90,9 @@ def _run(enc, ds, cache, attack, params):
 
 
 def test_gc_input_unconstrained_is_far_stronger_and_far_larger(simclr_digits, digits, cache):
+    """The paper's plain gradient descent on the pixels (seed 0), then the Adam-preconditioned step
+    over four seeds: "far more" is a statement about the attack at its strength, and a single
+    360-image test set moves in steps of 0.28 points, so the drops are averaged."""
     free = _run(simclr_digits, digits, cache, "gc_input", {**GC, "constrained": False})
     con = _run(simclr_digits, digits, cache, "gc_input", {**GC, "constrained": True})
     mf, mc = free.metrics, con.metrics
@@ -97,11 +101,21 @@ def test_gc_input_unconstrained_is_far_stronger_and_far_larger(simclr_digits, di
     # the residual really moved, more without the constraints
     assert mf["gc_loss_final"] < 0.8 * mf["gc_loss_initial"]
     assert mf["gc_loss_final"] < mc["gc_loss_final"]
-    # "GC input unconstrained >> constrained". The drop: stronger, but not *far* stronger here
-    # (measured 3.1 vs 1.9 points, seed 0); the issue's "far more" is not asserted until the
-    # attack gets there (see the module docstring).
+    # Plain GD: stronger, not far stronger (measured 3.1 vs 1.9 points at seed 0; over seeds 0-3
+    # 1.9 vs 1.1 on average, and seed 3 the other way round: 0.3 vs 1.1).
     assert mf["drop"] >= 0.02
     assert mf["drop"] > mc["drop"]
+    # Adam on the pixels, 3,000 steps (gc_optimizer "adam"), seeds 0-3. Measured: unconstrained 6.9,
+    # 5.8, 3.1, 4.4 points (mean 5.1), constrained 1.9, 0.3, 1.9, 2.2 (mean 1.6): 3.2x on average and
+    # larger at every seed.
+    adam = {**GC, "gc_optimizer": "adam", "gc_steps": 3000}
+    drops = {c: [_run(simclr_digits, digits, cache, "gc_input", {**adam, "constrained": c}, seed=s).metrics["drop"]
+                 for s in range(4)] for c in (False, True)}
+    mean_free, mean_con = sum(drops[False]) / 4, sum(drops[True]) / 4
+    print(f"adam drops: unconstrained {drops[False]} (mean {mean_free:.4f}), constrained {drops[True]} "
+          f"(mean {mean_con:.4f})")
+    assert mean_free >= 0.04 and mean_free >= 2.5 * mean_con
+    assert all(f > c for f, c in zip(drops[False], drops[True]))
     # The poisons' magnitude: far larger.
     assert mf["poison_stats"]["linf"]["max"] >= 5 * mc["poison_stats"]["linf"]["max"]
     assert mf["poison_stats"]["l2_to_base"]["mean"] >= 3 * mc["poison_stats"]["l2_to_base"]["mean"]
