@@ -180,13 +180,14 @@ def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settin
                   dataset_id=ds.row.id if ds.row is not None else None,
                   attacks=[a.model_dump(mode="json") for a in body.attacks], epsilons=list(body.epsilons),
                   betas=betas, seeds=list(body.seeds), device=body.device, head=body.head, defences=body.defences,
-                  created_at=now)
+                  precision=body.precision, created_at=now)
     session.add(audit)
     q = queue_for_device(body.device, settings)
     jobs = [Job(id=uuid.uuid4(), team_id=team.id, kind=JobKind.attack, status=JobStatus.queued, audit_id=audit.id,
                 attack=p["attack"], encoder_id=body.encoder, dataset=ds.ref, dataset_id=audit.dataset_id,
                 epsilon=p["epsilon"], beta=p["beta"], params=p["params"], seed=p["seed"], device=body.device,
-                head=body.head, defences=body.defences, queue=q, max_attempts=settings.max_attempts, created_at=now)
+                head=body.head, defences=body.defences, precision=body.precision, queue=q,
+                max_attempts=settings.max_attempts, created_at=now)
             for p in planned]
     session.add_all(jobs)
     session.commit()
@@ -332,7 +333,7 @@ def _summary_fields(audit: Audit, jobs: list[Job]) -> dict[str, Any]:
     return dict(id=audit.id, name=audit.name, status=status, encoder=audit.encoder_id, dataset=audit.dataset,
                 attacks=[AuditAttack(**a) for a in audit.attacks], epsilons=audit.epsilons, betas=audit.betas,
                 seeds=audit.seeds, device=audit.device, head=audit.head, defences=audit.defences,
-                cancel_requested=audit.cancel_requested,
+                precision=audit.precision, cancel_requested=audit.cancel_requested,
                 created_at=audit.created_at, finished_at=finished, progress=_progress(jobs))
 
 

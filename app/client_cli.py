@@ -134,6 +134,8 @@ def cmd_submit(args) -> int:
         body["head"] = _json_arg(args.head, "--head")
     if args.no_defences:
         body["defences"] = False
+    if args.precision:
+        body["precision"] = args.precision
     with _client(args) as c:
         job = c.submit_job(idempotency_key=args.idempotency_key, **body)
         if not args.wait:
@@ -210,6 +212,8 @@ def cmd_audit(args) -> int:
             body["head"] = _json_arg(args.head, "--head")
     if args.no_defences:
         body["defences"] = False
+    if args.precision:
+        body["precision"] = args.precision
     with _client(args) as c:
         audit = c.submit_audit(**body)
         print(f"audit {audit.id}: {len(audit.jobs)} jobs queued", file=sys.stderr)
@@ -272,6 +276,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--head", help="head recipe as a JSON object")
     p.add_argument("--no-defences", action="store_true", help="skip measuring the defences (faster)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast on a GPU (default: the server's, fp32)")
     p.add_argument("--idempotency-key")
     p.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")
     p.set_defaults(func=wrap(cmd_submit))
@@ -304,5 +309,6 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--head", help="head recipe as a JSON object")
     p.add_argument("--no-defences", action="store_true", help="skip measuring the defences (faster)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast on a GPU (default: the server's, fp32)")
     p.add_argument("--no-wait", action="store_true", help="print the queued audit and return")
     p.set_defaults(func=wrap(cmd_audit), poll=2.0)

@@ -36,7 +36,7 @@ def job_public(job: Job, artifacts: list[Artifact]) -> JobPublic:
     return JobPublic(
         id=job.id, kind=job.kind, audit=job.audit_id, status=job.status, attack=job.attack, encoder=job.encoder_id, dataset=job.dataset,
         epsilon=job.epsilon, beta=job.beta, params=job.params or {}, seed=job.seed, device=job.device, head=job.head, defences=job.defences,
-        queue=job.queue,
+        precision=job.precision, queue=job.queue,
         progress=ProgressPublic(stage=job.progress_stage, fraction=job.progress_fraction, updated_at=job.progress_updated_at),
         cancel_requested=job.cancel_requested, attempts=job.attempts, max_attempts=job.max_attempts, worker=job.worker,
         device_used=job.device_used, heartbeat_at=job.heartbeat_at, created_at=job.created_at, started_at=job.started_at,
@@ -79,7 +79,10 @@ def view_for_key(session: Session, key: str | None, job_id: uuid.UUID) -> JobPub
 
 
 def _request_hash(body: JobCreate) -> str:
-    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    fields = body.model_dump(mode="json")
+    if fields.get("precision") == "fp32":  # added later: a request that leaves it out hashes as it did before
+        del fields["precision"]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def validate_attack_request(body: JobCreate) -> tuple[float | None, dict]:
@@ -151,7 +154,8 @@ def create_attack_job(session: Session, queue: JobQueue, team: Team, settings: S
     job = Job(
         team_id=team.id, kind=JobKind.attack, status=JobStatus.queued, attack=body.attack, encoder_id=body.encoder,
         dataset=ds.ref, dataset_id=ds.row.id if ds.row is not None else None, epsilon=body.epsilon, beta=beta,
-        params=params, seed=body.seed, device=body.device, head=body.head, defences=body.defences, queue=queue_for_device(body.device, settings),
+        params=params, seed=body.seed, device=body.device, head=body.head, defences=body.defences, precision=body.precision,
+        queue=queue_for_device(body.device, settings),
         idempotency_key=idempotency_key, request_hash=req_hash, max_attempts=settings.max_attempts,
         created_at=utcnow(),
     )

@@ -130,6 +130,7 @@ class Audit(Base):
     device: Mapped[str] = mapped_column(String(8), default="auto")
     head: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     defences: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())  # run attacks.defences
+    precision: Mapped[str] = mapped_column(String(8), default="fp32", server_default="fp32")  # "fp32" | "bf16"
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -157,6 +158,7 @@ class Job(Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     head: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     defences: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())  # run attacks.defences
+    precision: Mapped[str] = mapped_column(String(8), default="fp32", server_default="fp32")  # "fp32" | "bf16"
     queue: Mapped[str] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))

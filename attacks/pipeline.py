@@ -307,6 +307,7 @@ def run_job(
         clean_accuracy=clean_acc,
         drop=clean_acc - metrics["poisoned_accuracy"],
         device=str(ctx.device),
+        bf16=bool(amp and ctx.device.type == "cuda"),  # what ran: autocast is a no-op on the CPU
         device_name=torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         n_train=int(ctx.Z_train.shape[0]),
         n_test=int(ctx.Z_test.shape[0]),

@@ -51,6 +51,7 @@ def run_engine(run: JobRun, encoder, dataset) -> EngineOutput:
         params=job.params or {}, seed=job.seed, device=job.device, head=job.head,
         cache=feature_cache(run.store, run.settings), cache_dir=engine_cache_dir(run.settings),
         stage_cache=stage_cache(run.store, run.settings), progress=run.progress, defences=job.defences,
+        amp=job.precision == "bf16",
     )
     push_engine_cache(run.store, run.settings, before)
     return EngineOutput(result, job_figures(result, dataset))

@@ -46,6 +46,30 @@ def test_defences_option_is_stored_and_shown(client, session, team_a, ready_enco
     assert any(e["field"] == "defences" for e in p["errors"])
 
 
+def test_precision_option_is_stored_and_shown(client, session, team_a, ready_encoder):
+    from app.models import Job
+
+    _, h = team_a
+    default = client.post("/v1/jobs", json=_job_body(ready_encoder.id), headers=h).json()
+    bf16 = client.post("/v1/jobs", json=_job_body(ready_encoder.id, precision="bf16"), headers=h).json()
+    assert default["precision"] == "fp32" and bf16["precision"] == "bf16"
+    assert client.get(f"/v1/jobs/{bf16['id']}", headers=h).json()["precision"] == "bf16"
+    assert session.get(Job, uuid.UUID(bf16["id"])).precision == "bf16"
+    p = _problem(client.post("/v1/jobs", json=_job_body(ready_encoder.id, precision="fp16"), headers=h), 422)
+    assert any(e["field"] == "precision" for e in p["errors"])
+
+
+def test_precision_default_keeps_the_idempotency_hash_of_earlier_requests(client, team_a, ready_encoder, queue):
+    """A replay that leaves precision out and one that says fp32 are the same request; bf16 is another."""
+    _, h = team_a
+    key = {**h, "Idempotency-Key": "prec-1"}
+    first = client.post("/v1/jobs", json=_job_body(ready_encoder.id), headers=key)
+    again = client.post("/v1/jobs", json=_job_body(ready_encoder.id, precision="fp32"), headers=key)
+    assert first.status_code == again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    p = _problem(client.post("/v1/jobs", json=_job_body(ready_encoder.id, precision="bf16"), headers=key), 422)
+    assert "Idempotency-Key" in p["detail"]
+
+
 def test_job_status_read_checks_the_key_and_lists_artifacts(client, session, team_a, team_b, ready_encoder):
     """GET /v1/jobs/{id} (one joined query on its common path): every way a key can be wrong
     is a 401, another team's or a missing job a 404, artifacts listed by name."""

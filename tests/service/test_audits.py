@@ -87,6 +87,18 @@ def test_defences_option_reaches_every_job(client, session, team_a, ready_encode
     assert b["defences"] is True and all(session.get(Job, uuid.UUID(j["id"])).defences for j in b["jobs"])
 
 
+def test_precision_option_reaches_every_job(client, session, team_a, ready_encoder):
+    from app.models import Job
+
+    _, h = team_a
+    a = client.post("/v1/audits", json=_body(ready_encoder.id, precision="bf16", seeds=[0]), headers=h).json()
+    assert a["precision"] == "bf16"
+    assert a["jobs"] and all(session.get(Job, uuid.UUID(j["id"])).precision == "bf16" for j in a["jobs"])
+    assert client.get(f"/v1/audits/{a['id']}", headers=h).json()["precision"] == "bf16"
+    b = client.post("/v1/audits", json=_body(ready_encoder.id, seeds=[0]), headers=h).json()
+    assert b["precision"] == "fp32"
+
+
 @pytest.mark.parametrize("change, field, extra", [
     ({"attacks": [{"name": "nope"}]}, "attacks.0.name", "valid"),
     ({"attacks": [{"name": "gradpc", "params": {"gc_steps": 5}}]}, "attacks.0.params.gc_steps", None),

@@ -92,7 +92,8 @@ def test_cli_no_defences_reaches_the_request_body(monkeypatch):
 
     monkeypatch.setattr(client_cli, "_client", lambda args: Client("http://test", "k", transport=httpx.MockTransport(handler)))
     enc = str(uuid.uuid4())
-    for flags in ([], ["--no-defences"]):
+    for flags in ([], ["--no-defences"], ["--precision", "bf16"]):
         main(["submit", "--encoder", enc, "--dataset", "digits", "--attack", "gradpc", *flags])
         main(["audit", "--encoder", enc, "--dataset", "digits", "--attack", "gradpc", "--epsilon", "0.03", *flags])
-    assert [b.get("defences") for b in bodies] == [None, None, False, False]
+    assert [b.get("defences") for b in bodies] == [None, None, False, False, None, None]
+    assert [b.get("precision") for b in bodies] == [None, None, None, None, "bf16", "bf16"]

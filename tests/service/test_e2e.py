@@ -20,7 +20,10 @@ pytestmark = pytest.mark.integration
 
 FAST = {"gc_steps": 50, "fm_steps": 20, "rounds": 1}
 LONG = {"gc_steps": 100000, "stop_loss": 0, "fm_steps": 100000, "rounds": 1}
-MEDIUM = {"gc_steps": 2500, "stop_loss": 0, "fm_steps": 400, "rounds": 1}  # ~10-20 s on 2 cores
+# Long enough to be caught in its attack stage and killed there: GC on digits' 43 poisons is ~50 us a
+# step and shared through the stage cache, so the feature-matching steps carry the duration (~1 ms
+# each on an idle 2-core machine: ~8 s; 400 steps, 0.4 s, finished before a poll could see them).
+MEDIUM = {"gc_steps": 2500, "stop_loss": 0, "fm_steps": 8000, "rounds": 1}
 
 
 def create_team(env, name) -> dict[str, str]:
@@ -193,7 +196,7 @@ def test_killed_worker_job_is_requeued_and_finishes(a, stack):
     assert a.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
     w2 = start_worker("w2", stack["env"], stack["logs"])
     stack["procs"].append(w2)
-    done = wait_job(a, job["id"], timeout=150)
+    done = wait_job(a, job["id"], timeout=300)
     assert done["status"] in ("succeeded", "failed"), done
     if done["status"] == "failed":
         assert "lost" in done["error"]

@@ -88,6 +88,10 @@ def _existing_jobs_survive_0002(url):
             assert c.execute(text("SELECT audit_id FROM job")).scalar_one() is None
             # 0004: a job from before the option keeps what it did then, measuring the defences
             assert c.execute(text("SELECT defences FROM job")).scalar_one() in (True, 1)
+            # 0005: and its precision, fp32
+            assert c.execute(text("SELECT precision FROM job")).scalar_one() == "fp32"
+        downgrade_schema(url, "0004")
+        assert "precision" not in {col["name"] for col in inspect(eng).get_columns("job")}
         downgrade_schema(url, "0001")
         assert "audit" not in inspect(eng).get_table_names()
         assert "audit_id" not in {col["name"] for col in inspect(eng).get_columns("job")}

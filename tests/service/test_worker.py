@@ -100,6 +100,27 @@ def test_a_job_without_defences_skips_them(env):
     assert job.metrics["n_poisons"] > 0 and "defences" not in job.metrics
 
 
+def test_the_worker_passes_the_precision_to_the_engine(env, monkeypatch):
+    """bf16 reaches run_job as amp=True (fp32 as False); on the CPU autocast is a no-op, and the
+    result says what ran (metrics["bf16"] False)."""
+    import attacks.pipeline
+    from worker.tasks import run_job
+
+    seen = []
+    real = attacks.pipeline.run_job
+
+    def spy(**kw):
+        seen.append(kw["amp"])
+        return real(**kw)
+
+    monkeypatch.setattr(attacks.pipeline, "run_job", spy)
+    for precision in ("bf16", "fp32"):
+        jid = _job(env, precision=precision, defences=False)
+        assert run_job(str(jid)) == "succeeded"
+        assert _get(jid).metrics["bf16"] is False
+    assert seen == [True, False]
+
+
 def test_features_are_cached_in_the_object_store_across_workers(env):
     import shutil
 
