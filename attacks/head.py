@@ -86,9 +86,14 @@ def gc_loss_and_grad(
     Zp: (n, d) poisoned features; yp: (n,) their labels.
     Returns (loss scalar, dloss/dZp (n, d)).
     """
-    Y = torch.zeros(Zp.shape[0], head.num_classes, dtype=Zp.dtype, device=Zp.device)
-    Y[torch.arange(Zp.shape[0], device=Zp.device), yp] = 1.0
-    return _gc_closed_form(head, G, Zp, Y, cancel_bias)
+    return _gc_closed_form(head, G, Zp, _one_hot(yp, head.num_classes, Zp), cancel_bias)
+
+
+def _one_hot(y: torch.Tensor, K: int, like: torch.Tensor) -> torch.Tensor:
+    """(n, K) one-hot rows of y in like's dtype and device."""
+    Y = torch.zeros(y.shape[0], K, dtype=like.dtype, device=like.device)
+    Y[torch.arange(y.shape[0], device=like.device), y.to(like.device)] = 1.0
+    return Y
 
 
 def _gc_closed_form(head: Head, G: Head, Zp: torch.Tensor, Y: torch.Tensor, cancel_bias: bool):
@@ -124,9 +129,7 @@ class GCStep:
     def __init__(self, head: Head, G: Head, yp: torch.Tensor, like: torch.Tensor, cancel_bias: bool = False,
                  graph: bool | None = None):
         self.head, self.G, self.cancel_bias = head, G, cancel_bias
-        n = like.shape[0]
-        self.Y = torch.zeros(n, head.num_classes, dtype=like.dtype, device=like.device)
-        self.Y[torch.arange(n, device=like.device), yp.to(like.device)] = 1.0
+        self.Y = _one_hot(yp, head.num_classes, like)
         use_graph = like.is_cuda if graph is None else graph
         if use_graph and not like.is_cuda:
             raise ValueError("a CUDA graph needs CUDA tensors")
