@@ -36,6 +36,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from attacks.catalogue import CATALOGUE, HeadRecipe, JobOptions, UnknownAttackError, get_attack, validate_job
@@ -168,10 +169,20 @@ def plan(body: AuditCreate, settings: Settings) -> tuple[list[dict], list[float]
     return out, betas
 
 
-def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settings, body: AuditCreate) -> Audit:
-    """Validates, then creates the audit and its jobs in one transaction and enqueues them. If
-    the broker refuses a job, the audit and all its jobs are removed and the client gets 503
-    (jobs already enqueued find no row and are skipped by the worker)."""
+def _by_key(session: Session, team: Team, idempotency_key: str) -> Audit | None:
+    return session.scalar(select(Audit).where(Audit.team_id == team.id, Audit.idempotency_key == idempotency_key))
+
+
+def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settings, body: AuditCreate,
+                 idempotency_key: str | None = None) -> tuple[Audit, bool]:
+    """Validates, then creates the audit and its jobs in one transaction and enqueues them;
+    returns (audit, created). If the broker refuses a job, the audit and all its jobs are removed
+    and the client gets 503 (jobs already enqueued find no row and are skipped by the worker).
+    A retried request with the same Idempotency-Key returns the audit it made (a different body
+    with that key is a 422), so a retry never fans out a second grid of jobs."""
+    req_hash = job_service.request_hash(body)
+    if idempotency_key and (existing := _by_key(session, team, idempotency_key)) is not None:
+        return job_service.replay(existing, req_hash), False
     planned, betas = plan(body, settings)
     job_service.check_encoder_usable(session, team, body.encoder)
     ds = job_service.resolve_dataset(session, team, settings, body.dataset)
@@ -180,7 +191,7 @@ def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settin
                   dataset_id=ds.row.id if ds.row is not None else None,
                   attacks=[a.model_dump(mode="json") for a in body.attacks], epsilons=list(body.epsilons),
                   betas=betas, seeds=list(body.seeds), device=body.device, head=body.head, defences=body.defences,
-                  precision=body.precision, created_at=now)
+                  precision=body.precision, idempotency_key=idempotency_key, request_hash=req_hash, created_at=now)
     session.add(audit)
     q = queue_for_device(body.device, settings)
     jobs = [Job(id=uuid.uuid4(), team_id=team.id, kind=JobKind.attack, status=JobStatus.queued, audit_id=audit.id,
@@ -190,7 +201,14 @@ def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settin
                 max_attempts=settings.max_attempts, created_at=now)
             for p in planned]
     session.add_all(jobs)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent retry with the same key won the race
+        session.rollback()
+        existing = _by_key(session, team, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return job_service.replay(existing, req_hash), False
     try:
         for job in jobs:
             queue.enqueue_job(job.id, job.kind, job.queue)
@@ -200,7 +218,7 @@ def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settin
         session.execute(delete(Audit).where(Audit.id == audit.id))
         session.commit()
         raise unavailable() from exc
-    return audit
+    return audit, True
 
 
 # ------------------------------------------------------------------ reading

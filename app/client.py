@@ -138,10 +138,11 @@ class Client:
         return path
 
     # ---------------------------------------------------------------- audits
-    def submit_audit(self, **body: Any) -> AuditPublic:
+    def submit_audit(self, *, idempotency_key: str | None = None, **body: Any) -> AuditPublic:
         """Fields of :class:`app.schemas.AuditCreate` (encoder, dataset, attacks, epsilons, betas, seeds, ...)."""
         payload = AuditCreate(**body).model_dump(mode="json", exclude_unset=True)
-        return _parse(AuditPublic, self._request("POST", "/v1/audits", json=payload))
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return _parse(AuditPublic, self._request("POST", "/v1/audits", json=payload, headers=headers))
 
     def get_audit(self, audit_id: uuid.UUID | str) -> AuditPublic:
         return _parse(AuditPublic, self._request("GET", f"/v1/audits/{audit_id}"))

@@ -215,7 +215,7 @@ def cmd_audit(args) -> int:
     if args.precision:
         body["precision"] = args.precision
     with _client(args) as c:
-        audit = c.submit_audit(**body)
+        audit = c.submit_audit(idempotency_key=args.idempotency_key, **body)
         print(f"audit {audit.id}: {len(audit.jobs)} jobs queued", file=sys.stderr)
         if args.no_wait:
             print(audit.model_dump_json(indent=2) if args.json else format_table(audit))
@@ -310,5 +310,6 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--head", help="head recipe as a JSON object")
     p.add_argument("--no-defences", action="store_true", help="skip measuring the defences (faster)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast on a GPU (default: the server's, fp32)")
+    p.add_argument("--idempotency-key", help="a retry with the same key returns the audit the first request made")
     p.add_argument("--no-wait", action="store_true", help="print the queued audit and return")
     p.set_defaults(func=wrap(cmd_audit), poll=2.0)

@@ -21,7 +21,7 @@ from app.models import FINISHED, ApiKey, Artifact, Encoder, EncoderStatus, Job, 
 from app.problems import Problem, invalid, not_found, unavailable, validation_problem
 from app.security import key_matches, parse_prefix, require_team
 from app.queue import JobQueue, queue_for_device
-from app.schemas import ArtifactPublic, JobCreate, JobPublic, ProgressPublic
+from app.schemas import ArtifactPublic, AuditCreate, JobCreate, JobPublic, ProgressPublic
 from app.settings import Settings
 
 log = logging.getLogger("app.jobs")
@@ -78,7 +78,8 @@ def view_for_key(session: Session, key: str | None, job_id: uuid.UUID) -> JobPub
     raise not_found("job", job_id)
 
 
-def _request_hash(body: JobCreate) -> str:
+def request_hash(body: JobCreate | AuditCreate) -> str:
+    """What an Idempotency-Key is bound to: the request body with its defaults filled in."""
     fields = body.model_dump(mode="json")
     if fields.get("precision") == "fp32":  # added later: a request that leaves it out hashes as it did before
         del fields["precision"]
@@ -143,11 +144,11 @@ def submit(session: Session, queue: JobQueue, job: Job) -> Job:
 def create_attack_job(session: Session, queue: JobQueue, team: Team, settings: Settings, body: JobCreate,
                       idempotency_key: str | None) -> tuple[Job, bool]:
     """Returns (job, created). A retried submission with the same key returns the same job."""
-    req_hash = _request_hash(body)
+    req_hash = request_hash(body)
     if idempotency_key:
         existing = session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
         if existing is not None:
-            return _replay(existing, req_hash), False
+            return replay(existing, req_hash), False
     beta, params = validate_attack_request(body)
     check_encoder_usable(session, team, body.encoder)
     ds = resolve_dataset(session, team, settings, body.dataset)
@@ -166,14 +167,15 @@ def create_attack_job(session: Session, queue: JobQueue, team: Team, settings: S
         existing = session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
         if existing is None:
             raise
-        return _replay(existing, req_hash), False
+        return replay(existing, req_hash), False
 
 
-def _replay(job: Job, req_hash: str) -> Job:
-    if job.request_hash != req_hash:
+def replay(row, req_hash: str):
+    """The job or audit an Idempotency-Key already made, if the request is the same; else 422."""
+    if row.request_hash != req_hash:
         raise Problem(422, "this Idempotency-Key was already used with a different request",
                       title="Idempotency-Key reused", errors=[{"field": "Idempotency-Key", "message": "reused with a different body"}])
-    return job
+    return row
 
 
 def cancel_where(session: Session, *criteria) -> None:

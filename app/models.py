@@ -115,7 +115,10 @@ class Audit(Base):
     Its status, progress and table are derived from its jobs (see :mod:`app.audits`)."""
 
     __tablename__ = "audit"
-    __table_args__ = (Index("ix_audit_team_id_created_at", "team_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_audit_team_id_created_at", "team_id", "created_at"),
+        UniqueConstraint("team_id", "idempotency_key"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
@@ -132,6 +135,8 @@ class Audit(Base):
     defences: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())  # run attacks.defences
     precision: Mapped[str] = mapped_column(String(8), default="fp32", server_default="fp32")  # "fp32" | "bf16"
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

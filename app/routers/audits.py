@@ -6,7 +6,7 @@ import logging
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
 
 from app import audits as service
@@ -19,9 +19,11 @@ router = APIRouter(prefix="/v1/audits", tags=["audits"], responses=problem_respo
 
 @router.post("", status_code=202, response_model=AuditPublic)
 def create_audit(body: AuditCreate, response: Response, session: SessionDep, team: TeamDep, queue: QueueDep,
-                 settings: SettingsDep) -> AuditPublic:
-    """Submit an audit: validated as a whole, then one queued job per attack x beta x epsilon x seed."""
-    audit = service.create_audit(session, queue, team, settings, body)
+                 settings: SettingsDep,
+                 idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> AuditPublic:
+    """Submit an audit: validated as a whole, then one queued job per attack x beta x epsilon x seed.
+    An Idempotency-Key makes a retry return the audit the first request made."""
+    audit, _ = service.create_audit(session, queue, team, settings, body, idempotency_key)
     response.headers["Location"] = f"/v1/audits/{audit.id}"
     return service.view(session, audit)
 

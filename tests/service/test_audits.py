@@ -6,6 +6,7 @@ import json
 import uuid
 
 import pytest
+from sqlalchemy import func, select
 
 FAST = {"gc_steps": 50}
 
@@ -97,6 +98,34 @@ def test_precision_option_reaches_every_job(client, session, team_a, ready_encod
     assert client.get(f"/v1/audits/{a['id']}", headers=h).json()["precision"] == "bf16"
     b = client.post("/v1/audits", json=_body(ready_encoder.id, seeds=[0]), headers=h).json()
     assert b["precision"] == "fp32"
+
+
+def test_idempotency_key_returns_the_same_audit_and_fans_out_once(client, session, team_a, team_b, ready_encoder,
+                                                                   queue):
+    from app.models import Audit, Job
+
+    _, h = team_a
+    hk = {**h, "Idempotency-Key": "grid-1"}
+    first = client.post("/v1/audits", json=_body(ready_encoder.id, seeds=[0]), headers=hk)
+    again = client.post("/v1/audits", json=_body(ready_encoder.id, seeds=[0]), headers=hk)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.headers["Location"] == first.headers["Location"]
+    assert [j["id"] for j in again.json()["jobs"]] == [j["id"] for j in first.json()["jobs"]]
+    n = len(first.json()["jobs"])
+    assert n > 0 and len(queue.sent) == n  # the retry enqueued nothing
+    assert session.scalar(select(func.count()).select_from(Audit)) == 1
+    assert session.scalar(select(func.count()).select_from(Job)) == n
+    # the key is bound to its body: another body with it is refused, and creates nothing
+    p = _problem(client.post("/v1/audits", json=_body(ready_encoder.id, seeds=[1]), headers=hk), 422)
+    assert "Idempotency-Key" in p["detail"] and len(queue.sent) == n
+    # keys are per team (a global lookup would hand team A's audit to team B here: B is told that
+    # A's encoder is not one it can use instead), and without a key every request is a new audit
+    _, hb = team_b
+    p = _problem(client.post("/v1/audits", json=_body(ready_encoder.id, seeds=[0]),
+                             headers={**hb, "Idempotency-Key": "grid-1"}), 422)
+    assert "encoder" in _fields(p)
+    third = client.post("/v1/audits", json=_body(ready_encoder.id, seeds=[0]), headers=h)
+    assert third.status_code == 202 and third.json()["id"] != first.json()["id"]
 
 
 @pytest.mark.parametrize("change, field, extra", [
