@@ -97,3 +97,11 @@ def test_cli_no_defences_reaches_the_request_body(monkeypatch):
         main(["audit", "--encoder", enc, "--dataset", "digits", "--attack", "gradpc", "--epsilon", "0.03", *flags])
     assert [b.get("defences") for b in bodies] == [None, None, False, False, None, None]
     assert [b.get("precision") for b in bodies] == [None, None, None, None, "bf16", "bf16"]
+    keys = []
+    monkeypatch.setattr(client_cli, "_client", lambda args: Client("http://test", "k", transport=httpx.MockTransport(
+        lambda request: keys.append(request.headers.get("Idempotency-Key")) or httpx.Response(503, json={
+            "title": "Service Unavailable", "detail": "stop here"}))))
+    main(["audit", "--encoder", enc, "--dataset", "digits", "--attack", "gradpc", "--epsilon", "0.03",
+          "--idempotency-key", "grid-7"])
+    main(["audit", "--encoder", enc, "--dataset", "digits", "--attack", "gradpc", "--epsilon", "0.03"])
+    assert keys == ["grid-7", None]
