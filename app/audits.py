@@ -169,10 +169,6 @@ def plan(body: AuditCreate, settings: Settings) -> tuple[list[dict], list[float]
     return out, betas
 
 
-def _by_key(session: Session, team: Team, idempotency_key: str) -> Audit | None:
-    return session.scalar(select(Audit).where(Audit.team_id == team.id, Audit.idempotency_key == idempotency_key))
-
-
 def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settings, body: AuditCreate,
                  idempotency_key: str | None = None) -> tuple[Audit, bool]:
     """Validates, then creates the audit and its jobs in one transaction and enqueues them;
@@ -181,7 +177,7 @@ def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settin
     A retried request with the same Idempotency-Key returns the audit it made (a different body
     with that key is a 422), so a retry never fans out a second grid of jobs."""
     req_hash = job_service.request_hash(body)
-    if idempotency_key and (existing := _by_key(session, team, idempotency_key)) is not None:
+    if idempotency_key and (existing := job_service.by_idempotency_key(session, Audit, team, idempotency_key)) is not None:
         return job_service.replay(existing, req_hash), False
     planned, betas = plan(body, settings)
     job_service.check_encoder_usable(session, team, body.encoder)
@@ -205,7 +201,7 @@ def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settin
         session.commit()
     except IntegrityError:  # a concurrent retry with the same key won the race
         session.rollback()
-        existing = _by_key(session, team, idempotency_key) if idempotency_key else None
+        existing = job_service.by_idempotency_key(session, Audit, team, idempotency_key) if idempotency_key else None
         if existing is None:
             raise
         return job_service.replay(existing, req_hash), False

@@ -124,6 +124,22 @@ def format_table(audit) -> str:
 
 
 # ------------------------------------------------------------------ commands
+def _add_run_options(p) -> None:
+    """How the jobs run, shared by submit and audit."""
+    p.add_argument("--no-defences", action="store_true", help="skip measuring the defences (faster)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast on a GPU (default: the server's, fp32)")
+
+
+def _run_options(args) -> dict[str, Any]:
+    """The request fields of _add_run_options' flags that were given (the rest is left to the server)."""
+    out: dict[str, Any] = {}
+    if args.no_defences:
+        out["defences"] = False
+    if args.precision:
+        out["precision"] = args.precision
+    return out
+
+
 def cmd_submit(args) -> int:
     body: dict[str, Any] = {"encoder": args.encoder, "dataset": args.dataset, "attack": args.attack,
                             "epsilon": args.epsilon, "params": _params(args.param, args.params), "seed": args.seed,
@@ -132,10 +148,7 @@ def cmd_submit(args) -> int:
         body["beta"] = args.beta
     if args.head:
         body["head"] = _json_arg(args.head, "--head")
-    if args.no_defences:
-        body["defences"] = False
-    if args.precision:
-        body["precision"] = args.precision
+    body.update(_run_options(args))
     with _client(args) as c:
         job = c.submit_job(idempotency_key=args.idempotency_key, **body)
         if not args.wait:
@@ -210,10 +223,7 @@ def cmd_audit(args) -> int:
                 body[k] = v
         if args.head:
             body["head"] = _json_arg(args.head, "--head")
-    if args.no_defences:
-        body["defences"] = False
-    if args.precision:
-        body["precision"] = args.precision
+    body.update(_run_options(args))
     with _client(args) as c:
         audit = c.submit_audit(idempotency_key=args.idempotency_key, **body)
         print(f"audit {audit.id}: {len(audit.jobs)} jobs queued", file=sys.stderr)
@@ -275,8 +285,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--head", help="head recipe as a JSON object")
-    p.add_argument("--no-defences", action="store_true", help="skip measuring the defences (faster)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast on a GPU (default: the server's, fp32)")
+    _add_run_options(p)
     p.add_argument("--idempotency-key")
     p.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")
     p.set_defaults(func=wrap(cmd_submit))
@@ -308,8 +317,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--seed", action="append", type=int, help="repeatable (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--head", help="head recipe as a JSON object")
-    p.add_argument("--no-defences", action="store_true", help="skip measuring the defences (faster)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast on a GPU (default: the server's, fp32)")
+    _add_run_options(p)
     p.add_argument("--idempotency-key", help="a retry with the same key returns the audit the first request made")
     p.add_argument("--no-wait", action="store_true", help="print the queued audit and return")
     p.set_defaults(func=wrap(cmd_audit), poll=2.0)

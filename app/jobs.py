@@ -145,10 +145,8 @@ def create_attack_job(session: Session, queue: JobQueue, team: Team, settings: S
                       idempotency_key: str | None) -> tuple[Job, bool]:
     """Returns (job, created). A retried submission with the same key returns the same job."""
     req_hash = request_hash(body)
-    if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
-        if existing is not None:
-            return replay(existing, req_hash), False
+    if idempotency_key and (existing := by_idempotency_key(session, Job, team, idempotency_key)) is not None:
+        return replay(existing, req_hash), False
     beta, params = validate_attack_request(body)
     check_encoder_usable(session, team, body.encoder)
     ds = resolve_dataset(session, team, settings, body.dataset)
@@ -164,10 +162,15 @@ def create_attack_job(session: Session, queue: JobQueue, team: Team, settings: S
         return submit(session, queue, job), True
     except IntegrityError:  # a concurrent retry with the same key won the race
         session.rollback()
-        existing = session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
+        existing = by_idempotency_key(session, Job, team, idempotency_key)
         if existing is None:
             raise
         return replay(existing, req_hash), False
+
+
+def by_idempotency_key(session: Session, model, team: Team, idempotency_key: str):
+    """The team's job or audit (``model``) made with this Idempotency-Key, or None."""
+    return session.scalar(select(model).where(model.team_id == team.id, model.idempotency_key == idempotency_key))
 
 
 def replay(row, req_hash: str):

@@ -34,7 +34,10 @@ class JobCreate(_In):
     head: dict[str, Any] | None = Field(None, description="Linear-head recipe (HeadRecipe); defaults apply.")
     defences: bool = Field(True, description="Also measure the defences (L_inf filter, k-NN, spectral "
                            "signatures) against the poisons, each by one more head fit; false skips them.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description='"fp32", or "bf16": bf16 autocast for the encoder passes (feature extraction, feature matching, the other input-space attacks) on a GPU, about 1.4-1.6x faster on a ResNet-50 at 224 px (features within 5e-3 of fp32); no effect on the CPU. The feature cache keeps bf16 features apart.')
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description='"fp32", or "bf16": bf16 autocast for the encoder passes (feature extraction, feature '
+        "matching, the other input-space attacks) on a GPU, about 1.4-1.6x faster on a ResNet-50 at 224 px "
+        "(features within 5e-3 of fp32); no effect on the CPU. The feature cache keeps bf16 features apart.")
 
 
 class FieldError(BaseModel):

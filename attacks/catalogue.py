@@ -120,7 +120,6 @@ class GCFeatureParams(_GCParams):
         "'auto': 'zero' when every cached clean feature is >= 0. 'none': GC unconstrained in feature "
         "space (the paper's stage 2; the default for gc_feature, whose poisons are features).",
     )
-
     feature_ceiling: float | None = Field(
         None,
         gt=0,

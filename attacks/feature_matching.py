@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from attacks.adam import AdamDirection
 from attacks.catalogue import FeatureMatchingParams
 from attacks.features import autocast_for, extract_features
 from attacks.errors import AttackDiverged
@@ -144,8 +145,7 @@ def match_features(
         mu = base[i : i + batch_size].to(device, torch.float32)
         nu = start[i : i + batch_size].to(device, torch.float32).clone()
         zt = zeta[i : i + batch_size].to(device, torch.float32)
-        m1 = torch.zeros_like(nu) if optimizer == "adam" else None
-        m2 = torch.zeros_like(nu) if optimizer == "adam" else None
+        adam = AdamDirection() if optimizer == "adam" else None
         for t in range(steps):
             eta = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
             nu.requires_grad_(True)
@@ -155,10 +155,8 @@ def match_features(
             # d/dnu of gamma/2 ||err||^2 / s^2 : one VJP with cotangent gamma * err / s^2
             (g,) = torch.autograd.grad(f, nu, grad_outputs=(gamma * inv_s2) * err.to(f.dtype))
             with torch.no_grad():
-                if m1 is not None:
-                    m1.mul_(0.9).add_(g, alpha=0.1)
-                    m2.mul_(0.999).addcmul_(g, g, value=0.001)
-                    g = (m1 / (1 - 0.9 ** (t + 1))) / ((m2 / (1 - 0.999 ** (t + 1))).sqrt() + 1e-12)
+                if adam is not None:
+                    g = adam(g)
                 nu = nu.detach() - eta * g
                 nu = (nu + (eta * beta) * mu) / (1 + eta * beta)
             done += 1
@@ -185,7 +183,9 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
     labels = ctx.y_train[base_idx]
     info["labels_changed_by_pairing"] = int((labels != gc_labels).sum())
     mu = ctx.dataset.x_train[base_idx]
-    scale = ctx.Z_train.norm(dim=1).mean().item() if params.normalize_features else 1.0
+    clean_norm = ctx.Z_train.norm(dim=1).mean().item()
+    scale = clean_norm if params.normalize_features else 1.0
+    ceiling = feature_ceiling(params.feature_ceiling, ctx.Z_train)  # for the GC of rounds after the first
     nu = mu
     for k in range(params.rounds):
         if k > 0 and params.round_gc_steps > 0:
@@ -201,9 +201,9 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
                 stop_loss=params.stop_loss,
                 pull_to=fz if params.pull > 0 else None,
                 pull_weight=params.pull * params.gamma,
-                feature_scale=ctx.Z_train.norm(dim=1).mean().item(),
+                feature_scale=clean_norm,
                 floor=info["gc_feature_floor"],
-                ceiling=feature_ceiling(params.feature_ceiling, ctx.Z_train),
+                ceiling=ceiling,
             )
         nu = match_features(
             ctx.encoder,

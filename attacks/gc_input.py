@@ -55,6 +55,7 @@ from collections.abc import Callable
 
 import torch
 
+from attacks.adam import AdamDirection
 from attacks.catalogue import GCInputParams
 from attacks.errors import AttackDiverged
 from attacks.features import autocast_for
@@ -210,7 +211,7 @@ def input_gradient_canceling(
     ref = None
     gc0 = None
     halvings, done = 0, 0
-    m1 = m2 = None
+    adam = AdamDirection() if optimizer == "adam" else None
     for t in range(steps):
         if progress and t % 10 == 0:
             progress(t / steps)
@@ -240,13 +241,8 @@ def input_gradient_canceling(
             base = base / 2 if base is not None else None
             nu = best[2].clone()
             continue
-        if optimizer == "adam":
-            if m1 is None:
-                m1, m2, k = torch.zeros_like(g), torch.zeros_like(g), 0
-            k += 1
-            m1.mul_(0.9).add_(g, alpha=0.1)
-            m2.mul_(0.999).addcmul_(g, g, value=0.001)
-            g = (m1 / (1 - 0.9 ** k)) / ((m2 / (1 - 0.999 ** k)).sqrt() + 1e-12)
+        if adam is not None:
+            g = adam(g)
         if base is None:
             # Scale-free step: the first step moves a poison by about lr * image_scale.
             g0 = g.reshape(n, -1).norm(dim=1).mean().item()

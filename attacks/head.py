@@ -246,14 +246,12 @@ def _sgd(Z: torch.Tensor, y: torch.Tensor, K: int, recipe: HeadRecipe, seed: int
     lr, mom, wd = recipe.lr, recipe.momentum, recipe.weight_decay
     gen = torch.Generator().manual_seed(seed)
     n = Z.shape[0]
-    rows = torch.arange(min(recipe.batch_size, n), device=Z.device)
     for _ in range(recipe.epochs):
         perm = torch.randperm(n, generator=gen).to(Z.device)
         for i in range(0, n, recipe.batch_size):
             idx = perm[i : i + recipe.batch_size]
-            Zb, yb = Z[idx], y[idx]
-            R = torch.softmax(torch.addmm(b, Zb, W.T), dim=1)
-            R[rows[: len(idx)], yb] -= 1.0
+            Zb = Z[idx]
+            _, R = residuals(Head(W, b), Zb, y[idx])
             R /= len(idx)
             gW, gb = R.T @ Zb, R.sum(0)
             if wd:

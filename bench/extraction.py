@@ -11,7 +11,6 @@ error against fp32.
 
 from __future__ import annotations
 
-
 import torch
 
 from attacks.encoders import EncoderSpec, build_encoder, freeze, place

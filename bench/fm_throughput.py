@@ -12,7 +12,6 @@ per second of encoder forward + input VJP).
 
 from __future__ import annotations
 
-
 import torch
 
 from attacks.encoders import EncoderSpec, build_encoder, freeze, place
