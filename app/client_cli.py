@@ -209,16 +209,17 @@ def cmd_audit(args) -> int:
         if not isinstance(body, dict):
             raise UsageError(f"--spec must hold a JSON object (the POST /v1/audits body), not {type(body).__name__}")
     else:
-        missing = [f"--{n}" for n in ("encoder", "dataset", "attack", "epsilon") if not getattr(args, n)]
+        missing = [f"--{n}" for n in ("encoder", "dataset") if not getattr(args, n)]
         if missing:
-            raise UsageError(f"give --spec FILE, or {', '.join(missing)}")
+            raise UsageError(f"give --spec FILE, or {', '.join(missing)} (without --attack: the paper's table)")
         per = {}
         for pair in args.attack_params or []:
             name, _, blob = pair.partition("=")
             per[name] = _json_arg(blob, f"--attack-params {name}")
-        body = {"encoder": args.encoder, "dataset": args.dataset, "epsilons": args.epsilon,
-                "attacks": [{"name": n, "params": per.get(n, {})} for n in args.attack], "device": args.device}
-        for k, v in (("betas", args.beta), ("seeds", args.seed), ("name", args.name)):
+        body = {"encoder": args.encoder, "dataset": args.dataset, "device": args.device}
+        if args.attack:
+            body["attacks"] = [{"name": n, "params": per.get(n, {})} for n in args.attack]
+        for k, v in (("epsilons", args.epsilon), ("betas", args.beta), ("seeds", args.seed), ("name", args.name)):
             if v:
                 body[k] = v
         if args.head:
@@ -310,9 +311,10 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--encoder")
     p.add_argument("--dataset")
     p.add_argument("--name")
-    p.add_argument("--attack", action="append", help="an attack name (repeatable)")
+    p.add_argument("--attack", action="append",
+                   help="an attack name (repeatable); none: the paper's table at the catalogue's defaults")
     p.add_argument("--attack-params", action="append", metavar="NAME=JSON", help="parameters of one attack (repeatable)")
-    p.add_argument("--epsilon", action="append", type=float, help="repeatable")
+    p.add_argument("--epsilon", action="append", type=float, help="repeatable (default 0.03 and 0.1)")
     p.add_argument("--beta", action="append", type=float, help="repeatable; for attacks that take one")
     p.add_argument("--seed", action="append", type=int, help="repeatable (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

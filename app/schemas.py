@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attacks.catalogue import JobOptions
 
@@ -212,18 +212,39 @@ class AuditCreate(_In):
     name: str = Field("", max_length=200, pattern=r"^[^\x00]*$", description="Free text (no NUL).")
     encoder: uuid.UUID = Field(description="Id of one of your encoders (status ready).")
     dataset: str = Field(min_length=1, max_length=200, description="As for jobs: built-in, server-side or uploaded id.")
-    attacks: list[AuditAttack] = Field(min_length=1, max_length=50)
-    epsilons: list[float] = Field(min_length=1, max_length=50, description="Poisoning fractions, each in (0, 1].")
+    attacks: list[AuditAttack] | None = Field(
+        None, min_length=1, max_length=50,
+        description="Default (omitted or null): the paper's table, every row at the catalogue's defaults: gradpc, "
+                    "gc_feature, gc_input and tgda_input with and without constraints, decoder_inversion, "
+                    "feature_matching, its projected variant and feature_matching_r (GET /v1/attacks lists them); "
+                    "betas then default to 0.25, 0.1, 0.05 and epsilons to 0.03, 0.1.")
+    epsilons: list[float] | None = Field(
+        None, min_length=1, max_length=50,
+        description="Poisoning fractions, each in (0, 1]. Default: 0.03 and 0.1 (the paper's table has 0.03-1).")
     betas: list[float] | None = Field(
         None, min_length=1, max_length=50,
         description="Constraint strengths, applied to the attacks that take a beta (feature matching); the other "
-                    "attacks get one row. Default: the catalogue's default beta.")
+                    "attacks get one row. Default: the catalogue's default beta, or 0.25, 0.1, 0.05 for the "
+                    "default attacks.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=50,
                              description="Seeds; the table reports mean and std over them.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     head: dict[str, Any] | None = Field(None, description="Linear-head recipe (HeadRecipe) for every job.")
     defences: bool = Field(True, description="Measure the defences in every job (see JobCreate.defences).")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="For every job (see JobCreate.precision).")
+
+
+    @model_validator(mode="after")
+    def _paper_table_by_default(self):
+        from attacks.catalogue import PAPER_TABLE, PAPER_TABLE_BETAS, PAPER_TABLE_EPSILONS
+
+        if self.attacks is None:
+            self.attacks = [AuditAttack(name=n, params=dict(p), label=label) for n, p, label in PAPER_TABLE]
+            if self.betas is None:
+                self.betas = list(PAPER_TABLE_BETAS)
+        if self.epsilons is None:
+            self.epsilons = list(PAPER_TABLE_EPSILONS)
+        return self
 
 
 class Stat(BaseModel):

@@ -7,10 +7,10 @@ retrained with the one recipe and the job's seed on what remains
 (:func:`attacks.head.train_head`); the test accuracy of that head is reported
 beside how many poisons and how many clean points were removed.
 
-1. ``linf`` -- the L_inf anomaly filter of the paper's Table 3 (feature
+1. ``linf`` -- the L_inf magnitude-anomaly filter of the paper's Table 3 (feature
    matching-r): a poison is removed when any of its pixels lies outside
-   [lo - margin, hi + margin], [lo, hi] being the clean training set's pixel
-   range. It needs pixels, so it applies to input-space poisons only (for
+   [lo - m (hi - lo), hi + m (hi - lo)], [lo, hi] being the clean training set's pixel
+   range and m = ``linf_margin`` (0.5: a magnitude half the range beyond it). It needs pixels, so it applies to input-space poisons only (for
    feature-space poisons, e.g. ``gc_feature``, it reports
    ``{"applicable": False, "reason": ...}``). Clean images are inside the range
    by definition, so it never removes one.
@@ -37,7 +37,7 @@ beside how many poisons and how many clean points were removed.
 
 Parameters (:class:`DefenceConfig`): knn_k (10, >= 1), spectral_budget (1.5, > 0),
 spectral_fraction (None or in (0, 1]), max_remove_fraction (0.5, in (0, 1)),
-linf_margin (0.0, >= 0), chunk_elements (2^24, >= 1).
+linf_margin (0.5, >= 0, relative to the clean range), chunk_elements (2^24, >= 1).
 
 Shapes: Z_clean (N_c, d), y_clean (N_c,), Z_poison (N_p, d), y_poison (N_p,),
 poisons (N_p, C, H, W) or None. Flags are (N_c + N_p,) bool, clean points first.
@@ -53,7 +53,7 @@ import torch
 
 from attacks.catalogue import HeadRecipe
 from attacks.feature_matching_r import anomaly_mask
-from attacks.head import accuracy, train_head
+from attacks.head import accuracy, feature_scale, train_head
 
 __all__ = ["DefenceConfig", "DEFENCES", "knn_flags", "linf_flags", "run_defences", "spectral_flags", "spectral_quota"]
 
@@ -68,7 +68,7 @@ class DefenceConfig:
     spectral_budget: float = 1.5
     spectral_fraction: float | None = None
     max_remove_fraction: float = 0.5
-    linf_margin: float = 0.0
+    linf_margin: float = 0.5
     chunk_elements: int = 1 << 24
 
     def __post_init__(self) -> None:
@@ -86,8 +86,9 @@ class DefenceConfig:
             raise ValueError(f"chunk_elements must be >= 1, got {self.chunk_elements}")
 
 
-def linf_flags(poisons: torch.Tensor, lo: float, hi: float, margin: float = 0.0) -> torch.Tensor:
-    """(N_p,) bool: poisons with a pixel outside [lo - margin, hi + margin] (feature matching-r's rule)."""
+def linf_flags(poisons: torch.Tensor, lo: float, hi: float, margin: float = 0.5) -> torch.Tensor:
+    """(N_p,) bool: poisons with a pixel outside [lo - margin (hi - lo), hi + margin (hi - lo)]
+    (feature matching-r's magnitude-anomaly rule)."""
     if poisons.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=poisons.device)
     return anomaly_mask(poisons, lo, hi, margin)
@@ -175,6 +176,7 @@ def run_defences(
     config: DefenceConfig | None = None,
     undefended_accuracy: float | None = None,
     progress: Callable[[str, float], None] | None = None,
+    scale: float | None = None,
 ) -> dict:
     """Run the three defences and return ``{name: result}``.
 
@@ -183,7 +185,8 @@ def run_defences(
     the defence's parameters. ``linf`` without pixels (``poisons`` None) is
     ``{"applicable": False, "reason": ...}``. When a defence removes nothing the
     training set is unchanged, so ``undefended_accuracy`` (if given) is reported
-    instead of refitting the same head.
+    instead of refitting the same head. ``scale``: the clean feature scale that fixes the
+    victim's L2 strength (:func:`attacks.head.fit_head`); default that of ``Z_clean``.
     """
     config = config or DefenceConfig()
     report = progress or (lambda s, f: None)
@@ -191,6 +194,7 @@ def run_defences(
     dev = Z_clean.device
     Z = torch.cat([Z_clean.float(), Z_poison.float().to(dev)])
     y = torch.cat([y_clean.long(), y_poison.long().to(dev)])
+    s = scale if scale is not None else feature_scale(Z_clean.float())
 
     def measure(flags: torch.Tensor, params: dict) -> dict:
         keep = ~flags
@@ -199,7 +203,7 @@ def run_defences(
         if removed_p + removed_c == 0 and undefended_accuracy is not None:
             acc = float(undefended_accuracy)
         else:
-            head = train_head(Z[keep], y[keep], num_classes, recipe, seed)
+            head = train_head(Z[keep], y[keep], num_classes, recipe, seed, scale=s)
             acc = accuracy(head, Z_test, y_test)
         return {"applicable": True, "accuracy": acc, "poisons_removed": removed_p, "clean_removed": removed_c,
                 "n_poisons": n_p, "n_clean": n_c, "n_kept": int(keep.sum()), "params": params}
@@ -215,6 +219,7 @@ def run_defences(
         flags = torch.zeros(n_c + n_p, dtype=torch.bool, device=dev)
         flags[n_c:] = linf_flags(poisons, lo, hi, config.linf_margin).to(dev)
         out["linf"] = measure(flags, {"margin": config.linf_margin, "clean_range": [lo, hi]})
+        out["linf"]["removed_fraction"] = out["linf"]["poisons_removed"] / max(n_p, 1)
     report("defences", 1 / 3)
     flags = knn_flags(Z, y, config.knn_k, config.chunk_elements)
     out["knn"] = measure(flags, {"k": min(config.knn_k, max(n_c + n_p - 1, 0))})

@@ -30,7 +30,9 @@ Parameters (:class:`attacks.catalogue.FeatureMatchingParams`, plus GC's and Grad
 Each step, for a batch of poisons (n_b, C, H, W):
     nu <- nu - eta_t * gamma * J_f(nu)^T (f(nu) - zeta) / s^2     (forward)
     nu <- (nu + eta_t * beta * mu') / (1 + eta_t * beta)          (backward, proximal)
-No clipping (the paper clips nothing; feature matching-r filters afterwards).
+No clipping (the paper clips nothing; feature matching-r filters afterwards), unless
+``projected``: then every step is projected onto the clean data range, which is what an
+attacker does against a magnitude filter (the poisons pass feature matching-r's rule).
 
 Returns poisons nu (n, C, H, W) float32, their labels (those of the base
 images) and base indices into the training set.
@@ -122,6 +124,7 @@ def match_features(
     device: torch.device | str = "cpu",
     amp: bool = False,
     optimizer: str = "gd",
+    clip: tuple[float, float] | None = None,
     progress=None,
 ) -> torch.Tensor:
     """Algorithm 1's inner loop (lines 9-11) for all poisons, batch by batch.
@@ -132,7 +135,8 @@ def match_features(
     optimizer: "gd", the paper's plain forward step; "adam", the forward step
     preconditioned per pixel by Adam's moment estimates (beta1 0.9, beta2 0.999),
     the proximal step unchanged. Each poison's pixels have their own moments, so
-    the result does not depend on the batching.
+    the result does not depend on the batching. clip: (lo, hi) projects every step onto the
+    box [lo, hi] (the projected variant: poisons stay inside the clean data range).
     """
     device = torch.device(device)
     n = base.shape[0]
@@ -145,29 +149,81 @@ def match_features(
         mu = base[i : i + batch_size].to(device, torch.float32)
         nu = start[i : i + batch_size].to(device, torch.float32).clone()
         zt = zeta[i : i + batch_size].to(device, torch.float32)
-        adam = AdamDirection() if optimizer == "adam" else None
-        for t in range(steps):
-            eta = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
-            nu.requires_grad_(True)
-            with autocast_for(device, amp):
-                f = encoder(nu)
-            err = f.float() - zt
-            # d/dnu of gamma/2 ||err||^2 / s^2 : one VJP with cotangent gamma * err / s^2
-            (g,) = torch.autograd.grad(f, nu, grad_outputs=(gamma * inv_s2) * err.to(f.dtype))
-            with torch.no_grad():
-                if adam is not None:
-                    g = adam(g)
-                nu = nu.detach() - eta * g
-                nu = (nu + (eta * beta) * mu) / (1 + eta * beta)
-            done += 1
-            if progress and (t % 5 == 0 or t == steps - 1):
-                progress(done / total)
+        adam = AdamDirection() if optimizer in ("adam", "eq15") else None
+        if optimizer == "eq15":
+            nu = _match_eq15(encoder, mu, nu, zt, beta=beta, gamma=gamma, steps=steps, lr=lr, adam=adam,
+                             device=device, amp=amp, clip=clip,
+                             tick=(lambda t: progress and (t % 5 == 0 or t == steps - 1) and progress((done + t + 1) / total)))
+            done += steps
+        else:
+            for t in range(steps):
+                eta = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
+                nu.requires_grad_(True)
+                with autocast_for(device, amp):
+                    f = encoder(nu)
+                err = f.float() - zt
+                # d/dnu of gamma/2 ||err||^2 / s^2 : one VJP with cotangent gamma * err / s^2
+                (g,) = torch.autograd.grad(f, nu, grad_outputs=(gamma * inv_s2) * err.to(f.dtype))
+                with torch.no_grad():
+                    if adam is not None:
+                        g = adam(g)
+                    nu = nu.detach() - eta * g
+                    nu = (nu + (eta * beta) * mu) / (1 + eta * beta)
+                    if clip is not None:
+                        nu.clamp_(clip[0], clip[1])
+                done += 1
+                if progress and (t % 5 == 0 or t == steps - 1):
+                    progress(done / total)
         if not torch.isfinite(nu).all():
             raise AttackDiverged(
                 f"feature matching diverged (non-finite poisons) at step size {lr}; lower fm_lr"
             )
         out[i : i + batch_size] = nu.detach().cpu()
     return out
+
+
+def _match_eq15(encoder, mu, nu, zt, *, beta, gamma, steps, lr, adam, device, amp, clip, tick):
+    """Eq. 15 exactly, gamma/2 ||f(nu) - zeta||^2 + beta/2 ||nu - mu'||^2 per poison, minimised by
+    Adam on its full gradient: the step, not the objective, is normalised (each pixel moves about
+    eta per step, eta = lr cosine-decayed, whatever the encoder's Jacobian scale), so beta is the
+    paper's beta. Each poison keeps its best iterate (lowest objective), and a poison whose
+    objective has not improved for 10% of the budget stops moving (early stop)."""
+    best = nu.detach().clone()
+    best_obj = torch.full((nu.shape[0],), math.inf, device=nu.device)
+    stale = torch.zeros(nu.shape[0], dtype=torch.long, device=nu.device)
+    patience = max(20, steps // 10)
+    for t in range(steps):
+        eta = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
+        nu = nu.detach().requires_grad_(True)
+        with autocast_for(device, amp):
+            f = encoder(nu)
+        err = f.float() - zt
+        (g,) = torch.autograd.grad(f, nu, grad_outputs=gamma * err.to(f.dtype))
+        with torch.no_grad():
+            prox = nu - mu
+            obj = 0.5 * gamma * (err * err).sum(1) + 0.5 * beta * (prox * prox).flatten(1).sum(1)
+            better = obj < best_obj
+            best[better] = nu[better]
+            best_obj = torch.where(better, obj, best_obj)
+            stale = torch.where(better, torch.zeros_like(stale), stale + 1)
+            active = (stale < patience).view(-1, *([1] * (nu.dim() - 1))).to(nu.dtype)
+            if not bool(active.any()):
+                break
+            step = adam(g + beta * prox)
+            nu = nu - eta * active * step
+            if clip is not None:
+                nu.clamp_(clip[0], clip[1])
+        tick(t)
+    # the last iterate was never scored: score it once
+    with torch.no_grad():
+        with autocast_for(device, amp):
+            f = encoder(nu)
+        err = f.float() - zt
+        prox = nu - mu
+        obj = 0.5 * gamma * (err * err).sum(1) + 0.5 * beta * (prox * prox).flatten(1).sum(1)
+        better = obj < best_obj
+        best[better] = nu[better]
+    return best
 
 
 def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta: float, seed: int, progress=None):
@@ -212,8 +268,9 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
             beta=beta,
             gamma=params.gamma,
             steps=params.fm_steps,
-            lr=params.fm_lr,
+            lr=params.eq15_lr if params.fm_optimizer == "eq15" else params.fm_lr,
             optimizer=params.fm_optimizer,
+            clip=(float(ctx.dataset.x_train.min()), float(ctx.dataset.x_train.max())) if params.projected else None,
             scale=scale,
             init=nu,
             batch_size=params.batch_size,
@@ -223,12 +280,12 @@ def feature_matching(ctx, params: FeatureMatchingParams, *, epsilon: float, beta
         )
     # What the features feature matching chased would do if reached exactly: the gap between this
     # and the poisoned accuracy is what the inversion to pixels loses (one extra head fit on the cache).
-    from attacks.head import accuracy, train_head
+    from attacks.head import accuracy
 
-    zeta_head = train_head(
+    zeta_head, _ = ctx.fit_victim(
         torch.cat([ctx.Z_train, zeta.float().to(ctx.Z_train.device)]),
         torch.cat([ctx.y_train, labels.to(ctx.y_train.device)]),
-        ctx.dataset.num_classes, ctx.recipe, seed,
+        seed,
     )
     info["zeta_poisoned_accuracy"] = accuracy(zeta_head, ctx.Z_test, ctx.y_test)
     # ||f(mu') - zeta||^2 at the base images (cached features): where feature matching started from.

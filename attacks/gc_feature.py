@@ -28,8 +28,10 @@ Parameters (:class:`attacks.catalogue.GCFeatureParams`, plus GradPC's):
 Shapes: zeta (n, d) with n = round(eps_d * N) >= 1, labels (n,) kept from the
 clean points that initialised them (clean-label).
 
-Divergence: a non-finite or exploding loss restores the best iterate and halves
-the step; after 12 halvings the attack raises AttackDiverged. Never a silent NaN.
+Step-size control (APGD-style, no tuning): a non-finite or exploding loss, or a window of
+steps (5% of the budget) that lowers the best loss by less than 1%, halves the step and
+restarts from the best iterate. The answer is the best iterate; it is finite by construction
+(a non-finite result raises AttackDiverged, never a silent NaN).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 
 from attacks.catalogue import GCFeatureParams
 from attacks.errors import AttackDiverged
-from attacks.head import GCStep, Head, gc_loss_and_grad, summed_gradient
+from attacks.head import GCStep, Head, gc_loss_and_grad, objective_gradient
 from attacks.progress import ProgressFn
 
 
@@ -118,26 +120,35 @@ def gradient_canceling(
         ref = max(ref, gc_loss_and_grad(target64, G64, pull_to, y, cancel_bias)[0].item())
     best_loss, best_Z = loss0.item(), Z.clone()
     halvings, done = 0, 0
+    # Step-size control in the manner of APGD (Croce & Hein 2020): every ``window`` steps, a run that
+    # has not lowered its best loss by 1% halves its step and restarts from its best iterate; an
+    # exploding or non-finite loss does the same at once. No exception: the best iterate is the answer.
+    window = max(10, steps // 20)
+    mult, checkpoint = 1.0, best_loss
     loss = loss0
     for t in range(steps):
         if progress and t % 10 == 0:
             progress(t / steps)
-        eta = base * 0.5 * (1 + math.cos(math.pi * t / steps))
+        eta = mult * base * 0.5 * (1 + math.cos(math.pi * t / steps))
         loss, grad = step(Z)
         lv = loss.item()
-        if not math.isfinite(lv) or lv > 10 * max(best_loss, ref):
+        if not math.isfinite(lv) or lv > 10 * max(best_loss, ref) or not bool(torch.isfinite(grad).all()):
             halvings += 1
-            if halvings > 12:
-                raise AttackDiverged(
-                    f"Gradient Canceling diverged (loss {lv:.3g}) even with its step halved 12 times"
-                )
-            base /= 2
+            mult /= 2
             Z = best_Z.clone()
+            if mult < 2.0 ** -40:
+                break
             continue
         if lv < best_loss:
             best_loss, best_Z = lv, Z.clone()
         if lv < stop_loss:
             break
+        if not pulling and t > 0 and t % window == 0:
+            if best_loss > 0.99 * checkpoint:
+                halvings += 1
+                mult /= 2
+                Z = best_Z.clone()
+            checkpoint = best_loss
         Z = Z - eta * grad
         if pulling:
             # proximal pull toward f(nu), in the same relative units as the step
@@ -160,6 +171,7 @@ def gradient_canceling(
         "gc_loss_final": best_loss,
         "gc_steps_run": done,
         "gc_step_size": base,
+        "gc_step_final_multiplier": mult,
         "gc_step_halvings": halvings,
     }
 
@@ -175,16 +187,18 @@ def poisoned_features(ctx, params: GCFeatureParams, epsilon: float, seed: int, p
     from attacks.stage_cache import cached_stage, gc_parts
 
     report = progress or (lambda s, f: None)
-    target, info = target_head(ctx, params)
+    target, info = target_head(ctx, params, epsilon=epsilon, seed=seed)
     report("gradpc", 1.0)
-    G = summed_gradient(target, ctx.Z_train, ctx.y_train)
+    N = ctx.Z_train.shape[0]
+    n = n_poisons(epsilon, N)
+    # the victim's objective (its L2 term included) over clean + poisons: what GC must cancel
+    G = objective_gradient(target, ctx.Z_train, ctx.y_train, ctx.victim_lambda(), N + n)
 
     floor = feature_floor(params.feature_floor, ctx.Z_train)
     ceiling = feature_ceiling(params.feature_ceiling, ctx.Z_train)
 
     def compute():
-        n = n_poisons(epsilon, ctx.Z_train.shape[0])
-        idx = choose_subset(ctx.Z_train.shape[0], n, params.subset, seed)
+        idx = choose_subset(N, n, params.subset, seed)
         zeta, gc_info = gradient_canceling(
             target,
             G,

@@ -60,7 +60,7 @@ from attacks.catalogue import GCInputParams
 from attacks.errors import AttackDiverged
 from attacks.features import autocast_for
 from attacks.gc_feature import choose_subset, n_poisons
-from attacks.head import Head, gc_loss_and_grad, summed_gradient
+from attacks.head import Head, gc_loss_and_grad, objective_gradient
 from attacks.progress import ProgressFn
 
 __all__ = ["ChunkedEncoder", "constrain", "gc_input_grad", "gc_input_grad_autograd", "input_gradient_canceling", "run"]
@@ -280,13 +280,14 @@ def run(ctx, params: GCInputParams, *, epsilon: float, beta: float | None, seed:
     from attacks.pipeline import AttackOutput
 
     report = progress or (lambda s, f: None)
-    target, info = target_head(ctx, params)
+    target, info = target_head(ctx, params, epsilon=epsilon, seed=seed)
     report("gradpc", 1.0)
     x = ctx.dataset.x_train
     N = ctx.Z_train.shape[0]
     idx = choose_subset(N, n_poisons(epsilon, N), params.subset, seed)
     labels = ctx.y_train[idx]
-    G = summed_gradient(target, ctx.Z_train, ctx.y_train)
+    # the victim's objective (its L2 term included) over clean + poisons: what GC must cancel
+    G = objective_gradient(target, ctx.Z_train, ctx.y_train, ctx.victim_lambda(), N + idx.numel())
     nu, zeta, gc_info = input_gradient_canceling(
         ctx.encoder,
         target,

@@ -17,7 +17,9 @@ None of these builds an autograd graph: no double backprop anywhere.
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -207,34 +209,60 @@ def refit_bias(head: Head, Z: torch.Tensor, y: torch.Tensor, iters: int = 200) -
     return Head(head.W.clone(), b.detach().to(head.b.dtype))
 
 
-def _lbfgs(Z: torch.Tensor, y: torch.Tensor, K: int, recipe: HeadRecipe, seed: int) -> Head:
-    """Full-batch L-BFGS (strong-Wolfe line search) on the mean cross-entropy (+ the L2 term on W),
-    from zero; deterministic, so ``seed`` is unused."""
-    W = torch.zeros(K, Z.shape[1], device=Z.device, requires_grad=True)
-    b = torch.zeros(K, device=Z.device, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [W, b],
-        lr=1.0,
-        max_iter=recipe.epochs,
-        history_size=20,
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-        line_search_fn="strong_wolfe",
-    )
+def feature_scale(Z: torch.Tensor) -> float:
+    """s = sqrt(mean ||z||^2) over a set of features: the unit the head's L2 strength is measured in."""
+    return max(math.sqrt(float((Z.float() ** 2).sum(1).mean())), 1e-12)
+
+
+def l2_strength(recipe: HeadRecipe, scale: float) -> float:
+    """lambda of the objective mean CE + lambda/2 ||W||^2 that the recipe minimises (absolute units)."""
+    return recipe.l2 * scale * scale if recipe.optimizer == "lbfgs" else recipe.weight_decay
+
+
+def objective_gradient(head: Head, Z: torch.Tensor, y: torch.Tensor, lam: float, n_total: int) -> Head:
+    """Gradient of the *summed* objective sum CE + n_total * lam/2 ||W||^2 over (Z, y) at ``head``:
+    what Gradient Canceling must cancel (n_total: clean points plus poisons)."""
+    G = summed_gradient(head, Z, y)
+    return Head(G.W + (n_total * lam) * head.W, G.b) if lam else G
+
+
+def _lbfgs(Z, y, K, recipe: HeadRecipe, scale: float, init: Head | None, progress) -> tuple[Head, dict]:
+    """Full-batch L-BFGS on mean CE + l2/2 ||W s||^2 in the scaled features Z / s, from zero (or
+    ``init``), until the largest gradient entry is below ``recipe.tol`` (``recipe.max_iter`` caps it)."""
+    # float64: in float32 the objective's changes vanish below its rounding (~1e-8 relative) before the
+    # gradient does, and L-BFGS stops unconverged on a poisoned set of large features.
+    Zn = Z.double() / scale
+    lam = recipe.l2
+    W = (torch.zeros(K, Z.shape[1], device=Z.device, dtype=torch.float64) if init is None
+         else init.W.double() * scale).requires_grad_(True)
+    b = (torch.zeros(K, device=Z.device, dtype=torch.float64) if init is None
+         else init.b.double().clone()).requires_grad_(True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=recipe.max_iter, max_eval=recipe.max_iter + recipe.max_iter // 4,
+                            history_size=20, tolerance_grad=recipe.tol, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    evals = [0]
 
     def closure():
         opt.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(torch.addmm(b, Z, W.T), y)
-        if recipe.weight_decay:
-            loss = loss + 0.5 * recipe.weight_decay * (W * W).sum()
+        loss = F.cross_entropy(torch.addmm(b, Zn, W.T), y)
+        if lam:
+            loss = loss + 0.5 * lam * (W * W).sum()
         loss.backward()
+        evals[0] += 1
+        if progress is not None and evals[0] % 25 == 0:
+            progress(min(evals[0] / recipe.max_iter, 1.0))
         return loss
 
     opt.step(closure)
-    return Head(W.detach(), b.detach())
+    loss = closure()  # the gradient at the returned point
+    gmax = max(W.grad.abs().max().item(), b.grad.abs().max().item())
+    iters = int(opt.state[opt._params[0]].get("n_iter", 0))
+    info = {"optimizer": "lbfgs", "iterations": iters, "grad_max": gmax, "objective": loss.item(),
+            "converged": bool(gmax <= 2 * recipe.tol), "l2": lam * scale * scale}
+    return Head((W.detach() / scale).float(), b.detach().float()), info
 
 
-def _sgd(Z: torch.Tensor, y: torch.Tensor, K: int, recipe: HeadRecipe, seed: int) -> Head:
+def _sgd(Z: torch.Tensor, y: torch.Tensor, K: int, recipe: HeadRecipe, seed: int, progress=None) -> Head:
     """Mini-batch SGD on the mean cross-entropy with its closed-form gradient, (P - Y)^T Z / B,
     rather than an autograd graph per step: on cached features a step is three small GEMMs, and
     the graph and optimizer bookkeeping would cost more than the arithmetic. The update is
@@ -246,7 +274,9 @@ def _sgd(Z: torch.Tensor, y: torch.Tensor, K: int, recipe: HeadRecipe, seed: int
     lr, mom, wd = recipe.lr, recipe.momentum, recipe.weight_decay
     gen = torch.Generator().manual_seed(seed)
     n = Z.shape[0]
-    for _ in range(recipe.epochs):
+    for epoch in range(recipe.epochs):
+        if progress is not None:
+            progress(epoch / recipe.epochs)
         perm = torch.randperm(n, generator=gen).to(Z.device)
         for i in range(0, n, recipe.batch_size):
             idx = perm[i : i + recipe.batch_size]
@@ -268,29 +298,41 @@ def _sgd(Z: torch.Tensor, y: torch.Tensor, K: int, recipe: HeadRecipe, seed: int
     return Head(W, b)
 
 
-def train_head(
+def fit_head(
     Z: torch.Tensor,
     y: torch.Tensor,
     num_classes: int,
     recipe: HeadRecipe | None = None,
     seed: int = 0,
-) -> Head:
-    """Train the linear head with the one recipe used everywhere (clean head and every evaluation).
+    *,
+    scale: float | None = None,
+    init: Head | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[Head, dict]:
+    """Train the linear head with the one recipe used everywhere; returns (head, convergence info).
 
-    lbfgs (default): zero init, full-batch L-BFGS with strong-Wolfe line search on
-    the mean cross-entropy for ``recipe.epochs`` iterations. Deterministic, and the
-    line search keeps it stable on poisoned features of any scale, so the head lands
-    at the minimiser of the (convex) poisoned loss, which is what GC aims for.
-
-    sgd: the reference protocol (plim): zero init, mini-batch SGD on mean CE with a
-    shuffle drawn from ``seed``; ``recipe.epochs`` epochs.
-
-    Non-finite losses raise FloatingPointError: never a silent NaN head.
+    lbfgs (default): the regularised objective (see :class:`attacks.catalogue.HeadRecipe`) to
+    convergence; ``scale`` is the clean feature scale s that fixes lambda = l2 s^2 (default: that
+    of ``Z``; evaluations on poisoned sets pass the clean one, so poisons cannot move lambda).
+    Strongly convex, so the answer does not depend on ``init`` (a warm start) or the budget.
+    sgd: the reference protocol (plim): zero init, mini-batch SGD on mean CE, ``recipe.epochs``.
+    ``progress(fraction)`` is called between iterations and may raise to stop the fit.
+    Non-finite weights raise FloatingPointError: never a silent NaN head.
     """
     recipe = recipe or HeadRecipe()
     Z = Z.float()
-    fit = _lbfgs if recipe.optimizer == "lbfgs" else _sgd
-    head = fit(Z, y, num_classes, recipe, seed)
+    s = scale if scale is not None else feature_scale(Z)
+    if recipe.optimizer == "lbfgs":
+        head, info = _lbfgs(Z, y, num_classes, recipe, s, init, progress)
+    else:
+        head = _sgd(Z, y, num_classes, recipe, seed, progress)
+        info = {"optimizer": "sgd", "epochs": recipe.epochs, "l2": recipe.weight_decay}
     if not (torch.isfinite(head.W).all() and torch.isfinite(head.b).all()):
         raise FloatingPointError("linear head training diverged (non-finite weights)")
-    return head
+    return head, info
+
+
+def train_head(Z: torch.Tensor, y: torch.Tensor, num_classes: int, recipe: HeadRecipe | None = None,
+               seed: int = 0, **kw) -> Head:
+    """:func:`fit_head` without the convergence info."""
+    return fit_head(Z, y, num_classes, recipe, seed, **kw)[0]

@@ -32,7 +32,7 @@ from attacks.catalogue import HeadRecipe, JobOptions, validate_job
 from attacks.defences import DefenceConfig, run_defences
 from attacks.errors import AttackDiverged
 from attacks.features import FeatureCache, extract_features, resolve_device
-from attacks.head import Head, accuracy, train_head
+from attacks.head import Head, accuracy, feature_scale, fit_head, l2_strength
 from attacks.progress import Cancelled, ProgressFn
 from attacks.registry import resolve
 
@@ -104,6 +104,27 @@ class AttackContext:
     cache_dir: Path | None = None
     # Stage outputs shared across jobs (clean head, GradPC target, GC features); None: no sharing.
     stage_cache: Any = None
+    # s = sqrt(mean ||z||^2) over the clean training features: fixes the victim's L2 strength
+    # lambda = l2 s^2 for every fit of this job, so poisons cannot move the regulariser.
+    feature_scale: float = 1.0
+    # Convergence record of the clean head's fit (optimizer, iterations, grad_max, converged, l2).
+    clean_head_info: dict = field(default_factory=dict)
+
+    def fit_victim(self, Z: torch.Tensor, y: torch.Tensor, seed: int | None = None, *,
+                   quick: bool = False) -> tuple[Head, dict]:
+        """The victim's head on (Z, y): the job's recipe, its clean feature scale, (head, info).
+        L-BFGS starts from the clean head (the objective is strongly convex: same minimiser, fewer
+        iterations); SGD from zero, as the paper's protocol. ``quick``: a looser L-BFGS tolerance
+        (1e-3, at most 300 iterations), for a search that only ranks candidates."""
+        recipe = self.recipe
+        if quick and recipe.optimizer == "lbfgs":
+            recipe = recipe.model_copy(update={"tol": max(recipe.tol, 1e-3), "max_iter": min(recipe.max_iter, 300)})
+        return fit_head(Z, y, self.dataset.num_classes, recipe, self.seed if seed is None else seed,
+                        scale=self.feature_scale, init=self.clean_head if recipe.optimizer == "lbfgs" else None)
+
+    def victim_lambda(self) -> float:
+        """lambda of the victim's objective mean CE + lambda/2 ||W||^2, in absolute feature units."""
+        return l2_strength(self.recipe, self.feature_scale)
 
 
 @dataclass
@@ -166,21 +187,26 @@ def prepare(
     recipe = recipe or HeadRecipe()
     t0 = time.perf_counter()
     y_train, y_test = dataset.y_train.long(), dataset.y_test.long()
-    if stage_cache is None:
-        head = train_head(Z_train, y_train, dataset.num_classes, recipe, seed)
+    scale = feature_scale(Z_train)
+
+    def fit_clean():
+        h, info = fit_head(Z_train, y_train, dataset.num_classes, recipe, seed, scale=scale,
+                           progress=lambda f: report("clean_head", f))
+        return {"W": h.W, "b": h.b}, info
+
+    ident = None if stage_cache is None else stage_cache.identity(
+        fp, getattr(dataset, "content_hash", None), recipe, seed, dev, amp)
+    if ident is None:
+        t, head_info = fit_clean()
     else:
-        ident = stage_cache.identity(fp, getattr(dataset, "content_hash", None), recipe, seed, dev, amp)
-        t, _ = stage_cache.get_or_compute(
-            "clean_head", stage_cache.key("clean_head", ident, {}) if ident else None,
-            lambda: (lambda h: ({"W": h.W, "b": h.b}, {}))(train_head(Z_train, y_train, dataset.num_classes, recipe, seed)),
-            device=Z_train.device,
-        )
-        head = Head(t["W"], t["b"])
+        t, head_info = stage_cache.get_or_compute(
+            "clean_head", stage_cache.key("clean_head", ident, {}), fit_clean, device=Z_train.device)
+    head = Head(t["W"], t["b"])
     timings["clean_head"] = time.perf_counter() - t0
     report("clean_head", 1.0)
     return AttackContext(
         encoder, dataset, Z_train, y_train, Z_test, y_test, head, recipe, dev, amp, seed, fp, cache.directory,
-        stage_cache,
+        stage_cache, feature_scale=scale, clean_head_info=dict(head_info),
     )
 
 
@@ -320,6 +346,7 @@ def run_job(
         **scenario_of(encoder, dataset),
         versions=_versions(),
     )
+    metrics["warnings"] = list(metrics.get("warnings", [])) + reliability_warnings(metrics, ctx.clean_head_info)
     timings["total"] = time.perf_counter() - t_start
     metrics["stage_seconds"] = timings
     _finite(metrics)
@@ -327,6 +354,35 @@ def run_job(
     if out.poisons is not None:
         poisons = PoisonSet(out.poisons.float(), out.poison_labels.long(), out.base_index.long())
     return JobResult(metrics=metrics, poisons=poisons)
+
+
+def noise_level(accuracy_value: float, n_test: int) -> float:
+    """Two standard errors of the difference of two test accuracies near ``accuracy_value`` measured
+    on ``n_test`` points (binomial): a drop smaller than this is not distinguishable from noise."""
+    p = min(max(accuracy_value, 1e-6), 1 - 1e-6)
+    return 2.0 * math.sqrt(2.0 * p * (1 - p) / max(n_test, 1))
+
+
+def reliability_warnings(metrics: dict, clean_info: dict) -> list[str]:
+    """What makes a result untrustworthy or weaker than it looks, in words (AutoAttack's checks)."""
+    out: list[str] = []
+    if clean_info.get("optimizer") == "lbfgs" and not clean_info.get("converged", True):
+        out.append(f"the clean head did not converge (largest gradient entry {clean_info.get('grad_max', 0):.2g})")
+    victim = (metrics.get("victim") or {}).get("poisoned") or {}
+    if victim.get("optimizer") == "lbfgs" and not victim.get("converged", True):
+        out.append(f"the poisoned head did not converge (largest gradient entry {victim.get('grad_max', 0):.2g}): "
+                   "the poisoned accuracy is not that of the victim's minimiser")
+    noise = noise_level(metrics["clean_accuracy"], metrics.get("n_test", 0))
+    if abs(metrics["drop"]) < noise and metrics.get("n_poisons", 0) > 0:
+        out.append(f"the drop ({100 * metrics['drop']:.2f} points) is within the test set's noise "
+                   f"(+-{100 * noise:.2f} points on {metrics.get('n_test')} images)")
+    if metrics.get("n_poisons_generated") and metrics.get("n_poisons") == 0:
+        out.append(f"all {metrics['n_poisons_generated']} poisons were removed as anomalies: the result is the "
+                   "clean accuracy, the attack as run is fully filtered")
+    for name, d in (metrics.get("defences") or {}).items():
+        if d.get("applicable") and d.get("n_poisons") and d.get("poisons_removed") == d.get("n_poisons"):
+            out.append(f"the {name} defence removed all {d['n_poisons']} poisons")
+    return out
 
 
 def _versions() -> dict:
@@ -382,7 +438,9 @@ def _evaluate(ctx: AttackContext, out: AttackOutput, opts: JobOptions, timings: 
             Zclean, yclean = ctx.Z_train, ctx.y_train
         Zmix = torch.cat([Zclean, Zp.float().to(Zclean.device)])
         ymix = torch.cat([yclean, out.poison_labels.long().to(yclean.device)])
-        poisoned_head = train_head(Zmix, ymix, ctx.dataset.num_classes, ctx.recipe, opts.seed)
+        poisoned_head, victim_info = ctx.fit_victim(Zmix, ymix, opts.seed)
+        metrics["victim"] = {"clean": ctx.clean_head_info, "poisoned": victim_info,
+                             "feature_scale": ctx.feature_scale, "lambda": ctx.victim_lambda()}
         metrics["poisoned_accuracy"] = accuracy(poisoned_head, ctx.Z_test, ctx.y_test)
         metrics["poisoned_train_accuracy"] = accuracy(poisoned_head, ctx.Z_train, ctx.y_train)
         metrics["n_poisons"] = int(Zp.shape[0])
@@ -390,7 +448,7 @@ def _evaluate(ctx: AttackContext, out: AttackOutput, opts: JobOptions, timings: 
             t1 = time.perf_counter()
             metrics["defences"] = run_defences(
                 Zclean, yclean, Zp, out.poison_labels, ctx.Z_test, ctx.y_test, ctx.dataset.num_classes, ctx.recipe,
-                opts.seed, poisons=out.poisons, clean_range=(lo, hi), config=defences,
+                opts.seed, poisons=out.poisons, clean_range=(lo, hi), config=defences, scale=ctx.feature_scale,
                 undefended_accuracy=metrics["poisoned_accuracy"], progress=report,
             )
             timings["defences"] = time.perf_counter() - t1

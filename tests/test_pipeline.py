@@ -29,13 +29,20 @@ def _in_clean_range(p, m, ds):
     return p.x.numel() == 0 or (p.x.min() >= lo and p.x.max() <= hi)
 
 
+def _inside_anomaly_margin(p, m, ds):
+    """feature matching-r keeps only poisons within anomaly_margin (0.5) of the clean range's width."""
+    lo, hi = float(ds.x_train.min()), float(ds.x_train.max())
+    pad = m["anomaly_margin"] * (hi - lo)
+    return m["anomaly_margin"] == 0.5 and (p.x.numel() == 0 or (p.x.min() >= lo - pad and p.x.max() <= hi + pad))
+
+
 def _emn_ball(p, m, ds):
     return m["poison_stats"]["linf_to_base"]["max"] <= 8 / 255 + 1e-6 and p.x.min() >= 0 and p.x.max() <= 1
 
 
 # The constraint each attack promises about its poisons (with the TINY parameters).
 CONSTRAINTS = {
-    "feature_matching_r": _in_clean_range,
+    "feature_matching_r": _inside_anomaly_margin,
     "gc_input": _in_clean_range,  # constrained by default
     "tgda_input": _in_clean_range,  # constrained by default
     "emn": _emn_ball,
