@@ -332,7 +332,7 @@ _Y = _labels(10, 2)
         ({"x": np.zeros((10, 16), np.uint8), "y": _Y}, r"must be \(N, H, W\)"),
         ({"x": np.full((10, 4, 4), 255.0), "y": _Y}, r"float images must lie in \[0, 1\]"),
         ({"x": np.full((10, 4, 4), 300, np.int64), "y": _Y}, "integer images must be 8-bit"),
-        ({"x": _X, "y": _Y * 10**6}, "at most 100,000 classes"),
+        ({"x": _X, "y": _Y * 10**6}, "at most 1,000 classes"),
         ({"x": _X, "y": _Y.reshape(5, 2)}, r"'y' must be 1-D"),
         ({"x": _X.astype(bool), "y": _Y}, "expected uint8"),
     ],
