@@ -50,8 +50,8 @@ __all__ = [
     "read_member",
 ]
 
-#: Most bytes an archive's members may hold once decompressed (2 GiB).
-MAX_DECOMPRESSED_BYTES: Final[int] = 2 * 2**30
+#: Most bytes an archive's members may hold once decompressed (1 GiB).
+MAX_DECOMPRESSED_BYTES: Final[int] = 2**30
 #: Most classes a dataset may have (labels 0 .. MAX_CLASSES - 1).
 MAX_CLASSES: Final[int] = 1000
 #: Largest image height or width.
