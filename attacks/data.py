@@ -505,8 +505,10 @@ def _npz_images(p: Path, key: str, x: np.ndarray, limits: DatasetLimits) -> np.n
             x = x.transpose(0, 3, 1, 2)
     else:
         raise DatasetError(f"{p}: {key!r} must be (N, H, W), (N, C, H, W) or (N, H, W, C); got shape {x.shape}")
-    if x.shape[0] == 0 or min(x.shape[2:]) == 0:
+    if x.shape[0] == 0:
         raise DatasetError(f"{p}: {key!r} has shape {x.shape}: no images")
+    if min(x.shape[2:]) == 0:
+        raise DatasetError(f"{p}: {key!r} has shape {x.shape}: images of zero height or width")
     if max(x.shape[2:]) > limits.max_side:
         raise DatasetError(
             f"{p}: {key!r} holds {x.shape[2]}x{x.shape[3]} images; at most {limits.max_side} pixels a side are supported"
