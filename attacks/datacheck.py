@@ -34,14 +34,14 @@ import numpy as np
 
 __all__ = [
     "CHUNK_BYTES",
-    "DatasetLimits",
     "FLOAT_RANGE_TOLERANCE",
     "MAX_CLASSES",
     "MAX_DECOMPRESSED_BYTES",
     "MAX_ELEMENTS",
     "MAX_IMAGE_SIDE",
-    "Member",
     "NPZ_KEYS",
+    "DatasetLimits",
+    "Member",
     "NpzCheckError",
     "check_npz",
     "image_layout",
@@ -153,7 +153,7 @@ def npz_members(zf: zipfile.ZipFile, limits: DatasetLimits | None = None) -> dic
             f"the archive's members hold {declared:,} bytes once decompressed, over the limit of {limits.max_bytes:,}"
         )
     by_name = {i.filename: i for i in infos}
-    keys = {n[:-4] if n.endswith(".npy") else n: n for n in by_name}
+    keys = {n.removesuffix(".npy"): n for n in by_name}
     missing = [k for k in ("x", "y") if k not in keys]
     if missing:
         raise NpzCheckError(

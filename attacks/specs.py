@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from attacks.catalogue import ARCHITECTURES
 
-__all__ = ["EncoderSpec", "SimCLRConfig", "error_text", "MAX_WIDTH", "MAX_EPOCHS"]
+__all__ = ["MAX_EPOCHS", "MAX_WIDTH", "EncoderSpec", "SimCLRConfig", "error_text"]
 
 MAX_EPOCHS = 1000
 MAX_WIDTH = 1024

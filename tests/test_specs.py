@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_imports_no_torch():
     code = "import attacks.specs, sys; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
 
 
