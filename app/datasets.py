@@ -70,7 +70,7 @@ def list_shared(settings: Settings) -> list[ResolvedDataset]:
 def dataset_limits(settings: Settings) -> DatasetLimits:
     """The content bounds of file datasets, from the ``POISONAUDIT_MAX_DATASET_*`` settings (API and worker)."""
     return DatasetLimits(max_bytes=settings.max_dataset_decompressed_bytes, max_classes=settings.max_dataset_classes,
-                         max_side=settings.max_dataset_image_side)
+                         max_side=settings.max_dataset_image_side, max_ratio=settings.max_dataset_compression_ratio)
 
 
 def inspect_npz(path: str | Path, settings: Settings | None = None) -> dict[str, Any]:

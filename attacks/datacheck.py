@@ -36,6 +36,7 @@ __all__ = [
     "CHUNK_BYTES",
     "FLOAT_RANGE_TOLERANCE",
     "MAX_CLASSES",
+    "MAX_COMPRESSION_RATIO",
     "MAX_DECOMPRESSED_BYTES",
     "MAX_ELEMENTS",
     "MAX_IMAGE_SIDE",
@@ -62,6 +63,10 @@ MAX_ELEMENTS: Final[int] = 2**30
 FLOAT_RANGE_TOLERANCE: Final[float] = 0.1
 #: Longest class name in the ``classes`` array.
 MAX_CLASS_NAME_CHARS: Final[int] = 256
+#: Most bytes decompressed per byte of archive, for archives over RATIO_FLOOR_BYTES decompressed: real
+#: image data compresses far less (MNIST about 7:1); 2**28 zeros in 262 KB is 1,000:1.
+MAX_COMPRESSION_RATIO: Final[int] = 200
+RATIO_FLOOR_BYTES: Final[int] = 64 * 2**20
 #: Bytes read from a member at a time.
 CHUNK_BYTES: Final[int] = 1 << 20
 #: The keys an archive may hold (others are ignored, but count towards the byte cap).
@@ -83,9 +88,10 @@ class DatasetLimits:
     max_classes: int = MAX_CLASSES
     max_side: int = MAX_IMAGE_SIDE
     max_elements: int = MAX_ELEMENTS
+    max_ratio: int = MAX_COMPRESSION_RATIO
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_classes", "max_side", "max_elements"):
+        for name in ("max_bytes", "max_classes", "max_side", "max_elements", "max_ratio"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"DatasetLimits.{name} must be a positive int, got {v!r}")
@@ -137,11 +143,23 @@ def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> tuple[
     return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype), int(offset)
 
 
+def _archive_size(zf: zipfile.ZipFile) -> int:
+    fp = zf.fp
+    if fp is None:  # pragma: no cover - only after close()
+        return 0
+    pos = fp.tell()
+    try:
+        return fp.seek(0, 2)
+    finally:
+        fp.seek(pos)
+
+
 def npz_members(zf: zipfile.ZipFile, limits: DatasetLimits | None = None) -> dict[str, Member]:
     """The archive's :data:`NPZ_KEYS` members, from headers only (no data is read).
 
     Checks: the sum of the zip's declared uncompressed sizes against
-    ``limits.max_bytes``; ``x`` and ``y`` present; no encrypted member; every
+    ``limits.max_bytes`` and, past :data:`RATIO_FLOOR_BYTES`, against ``limits.max_ratio``
+    times the archive's own size (a zip bomb); ``x`` and ``y`` present; no encrypted member; every
     header readable, no object dtype, no negative dimension, and the bytes the
     header's shape and dtype need equal to the bytes the member holds.
     """
@@ -151,6 +169,12 @@ def npz_members(zf: zipfile.ZipFile, limits: DatasetLimits | None = None) -> dic
     if declared > limits.max_bytes:
         raise NpzCheckError(
             f"the archive's members hold {declared:,} bytes once decompressed, over the limit of {limits.max_bytes:,}"
+        )
+    packed = _archive_size(zf)
+    if declared > RATIO_FLOOR_BYTES and declared > limits.max_ratio * packed:
+        raise NpzCheckError(
+            f"the archive's members hold {declared:,} bytes once decompressed from {packed:,}: more than "
+            f"{limits.max_ratio}:1 is refused as a zip bomb (real image data compresses far less)"
         )
     by_name = {i.filename: i for i in infos}
     keys = {n.removesuffix(".npy"): n for n in by_name}

@@ -510,9 +510,15 @@ def test_zip_bomb_is_refused_by_its_decompressed_size_with_bounded_memory(tmp_pa
     assert peak < 2**20
 
     # Under the cap, the upload check streams all 64 MiB in chunks: memory stays near one chunk.
-    peak, summary = _peak(lambda: check_npz(path, DatasetLimits(max_bytes=2 * inflated)))
+    peak, summary = _peak(lambda: check_npz(path, DatasetLimits(max_bytes=2 * inflated, max_ratio=10**6)))
     assert isinstance(summary, dict) and summary["decompressed_bytes"] > inflated, summary
     assert peak < 8 * 2**20, peak
+
+    # With the default limits (1 GiB), 64 MiB from 65 KB is refused by its compression ratio, unread.
+    for fn in (lambda: check_npz(path), lambda: load_npz(path)):
+        peak, err = _peak(fn)
+        assert isinstance(err, ValueError) and "more than 200:1 is refused as a zip bomb" in str(err), err
+        assert peak < 2**20
 
 
 def _patch_declared_size(data: bytes, member: str, size: int) -> bytes:

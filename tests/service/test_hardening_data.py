@@ -51,6 +51,13 @@ def _bomb(_: Path) -> bytes:
                  "y.npy": _npy((n,), np.int64, (np.arange(n) % 2).astype(np.int64).tobytes())})
 
 
+def _bomb_ratio(_: Path) -> bytes:
+    """65 MiB of zeros in about 65 KB (1,000:1), under the default 1 GiB cap."""
+    n = 1040
+    return _zip({"x.npy": _npy((n, 256, 256), np.uint8, bytes(n * 256 * 256)),
+                 "y.npy": _npy((n,), np.int64, (np.arange(n) % 2).astype(np.int64).tobytes())})
+
+
 def patch_declared_size(data: bytes, member: str, size: int) -> bytes:
     """Rewrites the uncompressed size the central directory declares for ``member`` (a lie)."""
     name = member.encode()
@@ -95,6 +102,7 @@ BAD = [
     ("too_few_for_split", _arrays(x=_X[:4], y=np.array([0, 0, 1, 1])), "too few for an 80/20 split", {}),
     ("declared_2_40", _declared_huge, "holds 1,024 bytes", {}),
     ("zip_bomb", _bomb, "over the limit of 1,000,000", {"max_dataset_decompressed_bytes": 1_000_000}),
+    ("zip_bomb_ratio", _bomb_ratio, "more than 200:1 is refused as a zip bomb", {}),
     ("lying_sizes", _lying_sizes, "Bad CRC-32", {}),
     ("too_wide", _arrays(x=np.zeros((40, 8, 64), np.uint8), y=_Y), "at most 32 pixels a side", {"max_dataset_image_side": 32}),
     ("object_labels", _arrays(x=_X, y=np.array([object()] * 40, dtype=object)), "Python objects", {}),
