@@ -25,7 +25,10 @@ Dataset kinds (:data:`DATASET_KINDS`)
     laid out ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` with C 1 or 3;
     ``y`` non-negative integer labels; optionally ``x_test`` / ``y_test`` (the
     split then is the archive's own) and ``classes`` (a string array of names).
-    Without test arrays: the seeded stratified 80/20 split below.
+    Without test arrays: the seeded stratified 80/20 split below. Bounded by
+    :class:`attacks.datacheck.DatasetLimits` (defaults: 1 GiB decompressed, at most
+    200:1 past 64 MiB, labels below 1,000, image sides at most 1,024), checked from
+    the zip's declared sizes and the headers before any data is read.
 ``imagefolder``
     A directory in the torchvision ``ImageFolder`` layout, read with PIL: either
     ``root/train/<class>/*.png`` and ``root/test/<class>/*.png`` (both sets are
