@@ -565,3 +565,16 @@ def test_declared_shapes_and_sizes_are_checked_before_allocating(tmp_path: Path)
         peak, err = _peak(fn)
         assert isinstance(err, ValueError) and "Bad CRC-32" in str(err), err
         assert peak < 2**20
+
+
+def test_imagefolder_obeys_the_class_and_side_limits(tmp_path: Path) -> None:
+    from attacks.datacheck import DatasetLimits
+
+    for cls in ("a", "b", "c"):
+        for i in range(3):
+            _write_image(tmp_path / cls / f"{i}.png", np.zeros((40, 40), np.uint8))
+    assert load_dataset("imagefolder", tmp_path).image_shape == (1, 40, 40)
+    with pytest.raises(DatasetError, match="at most 32 pixels a side"):
+        load_dataset("imagefolder", tmp_path, limits=DatasetLimits(max_side=32))
+    with pytest.raises(DatasetError, match="3 class folders; at most 2 are supported"):
+        load_dataset("imagefolder", tmp_path, limits=DatasetLimits(max_classes=2))
