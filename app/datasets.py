@@ -1,22 +1,22 @@
 """Dataset references: built-in names, server-side roots (by configuration), uploaded npz ids.
 
-Uploaded archives are checked here with numpy only (headers, no pixel data); the
-worker loads them with ``attacks.data.load_npz``, which checks the rest.
+Uploaded archives are checked here in full (layout and contents, streamed with bounded
+memory, numpy only: ``attacks.datacheck``); the worker's ``attacks.data.load_npz`` checks
+the same again.
 """
 
 from __future__ import annotations
 
 import uuid
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from attacks.catalogue import BUILTIN_DATASETS
+from attacks.datacheck import DatasetLimits, NpzCheckError, check_npz
 from app.models import Dataset, Team
 from app.settings import Settings
 
@@ -67,59 +67,21 @@ def list_shared(settings: Settings) -> list[ResolvedDataset]:
     return out
 
 
-def _header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
-    with zf.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise DatasetRefError(f"array {member!r}: unsupported .npy version {version}")
-    return shape, dtype
+def dataset_limits(settings: Settings) -> DatasetLimits:
+    """The content bounds of file datasets, from the ``POISONAUDIT_MAX_DATASET_*`` settings (API and worker)."""
+    return DatasetLimits(max_bytes=settings.max_dataset_decompressed_bytes, max_classes=settings.max_dataset_classes,
+                         max_side=settings.max_dataset_image_side, max_ratio=settings.max_dataset_compression_ratio)
 
 
-def inspect_npz(path: str | Path) -> dict[str, Any]:
-    """Checks the layout of an uploaded archive from its array headers; returns a summary.
+def inspect_npz(path: str | Path, settings: Settings | None = None) -> dict[str, Any]:
+    """Checks an uploaded archive's layout *and contents*, streaming with bounded memory; returns a summary.
 
     Keys: ``x`` (N, H, W) / (N, C, H, W) / (N, H, W, C), ``y`` (N,), optionally
-    ``x_test`` / ``y_test`` and ``classes``. Raises DatasetRefError naming the problem.
+    ``x_test`` / ``y_test`` and ``classes``; the checks are ``attacks.datacheck.check_npz``'s
+    (what the worker's loader accepts). Raises DatasetRefError naming the problem.
     """
+    limits = dataset_limits(settings) if settings is not None else DatasetLimits()
     try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise DatasetRefError("not an .npz archive (not a zip file)") from None
-    with zf:
-        members = {n[:-4] if n.endswith(".npy") else n: n for n in zf.namelist()}
-        missing = [k for k in ("x", "y") if k not in members]
-        if missing:
-            raise DatasetRefError(f"missing array(s) {missing}; found {sorted(members)}; expected x, y[, x_test, y_test, classes]")
-        if ("x_test" in members) != ("y_test" in members):
-            raise DatasetRefError("x_test and y_test come together")
-        shapes = {}
-        for key in ("x", "y", "x_test", "y_test", "classes"):
-            if key not in members:
-                continue
-            try:
-                shape, dtype = _header(zf, members[key])
-            except DatasetRefError:
-                raise
-            except Exception as exc:
-                raise DatasetRefError(f"array {key!r} is not a readable .npy: {exc}") from None
-            if dtype.hasobject:
-                raise DatasetRefError(f"array {key!r} holds Python objects; store plain numeric arrays")
-            if key in ("x", "x_test"):
-                if len(shape) not in (3, 4) or dtype.kind not in "uif":
-                    raise DatasetRefError(f"array {key!r} must be numeric images (N, H, W) or (N, C, H, W) / (N, H, W, C); got {shape} {dtype}")
-            elif key in ("y", "y_test"):
-                if len(shape) != 1 or dtype.kind not in "ui":
-                    raise DatasetRefError(f"array {key!r} must be integer labels (N,); got {shape} {dtype}")
-            shapes[key] = (shape, dtype)
-        for xk, yk in (("x", "y"), ("x_test", "y_test")):
-            if xk in shapes and shapes[xk][0][0] != shapes[yk][0][0]:
-                raise DatasetRefError(f"{xk} has {shapes[xk][0][0]} images but {yk} has {shapes[yk][0][0]} labels")
-    return {
-        "arrays": {k: {"shape": list(s), "dtype": str(d)} for k, (s, d) in shapes.items()},
-        "n": shapes["x"][0][0] + (shapes["x_test"][0][0] if "x_test" in shapes else 0),
-        "has_test_split": "x_test" in shapes,
-    }
+        return check_npz(path, limits)
+    except NpzCheckError as exc:
+        raise DatasetRefError(str(exc)) from None

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     max_encoder_bytes: int = Field(512 * 2**20, ge=1)
     max_dataset_bytes: int = Field(1024 * 2**20, ge=1)
 
+    # Uploaded dataset contents (checked at upload, streaming, and again by the worker's loader; 422 beyond).
+    max_dataset_decompressed_bytes: int = Field(2**30, ge=1, description="Most bytes an npz's members hold decompressed.")
+    max_dataset_classes: int = Field(1000, ge=2, le=100_000, description="Labels must lie in [0, this).")
+    max_dataset_image_side: int = Field(1024, ge=1, le=65_536, description="Largest image height or width.")
+    max_dataset_compression_ratio: int = Field(200, ge=1, description="Decompressed:archive bytes, past 64 MiB.")
+
     # Server-side dataset roots: {"cifar10": {"loader": "cifar10", "path": "/data/cifar10"}}.
     dataset_roots: dict[str, DatasetRoot] = {}
 

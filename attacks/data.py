@@ -25,7 +25,10 @@ Dataset kinds (:data:`DATASET_KINDS`)
     laid out ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` with C 1 or 3;
     ``y`` non-negative integer labels; optionally ``x_test`` / ``y_test`` (the
     split then is the archive's own) and ``classes`` (a string array of names).
-    Without test arrays: the seeded stratified 80/20 split below.
+    Without test arrays: the seeded stratified 80/20 split below. Bounded by
+    :class:`attacks.datacheck.DatasetLimits` (defaults: 1 GiB decompressed, at most
+    200:1 past 64 MiB, labels below 1,000, image sides at most 1,024), checked from
+    the zip's declared sizes and the headers before any data is read.
 ``imagefolder``
     A directory in the torchvision ``ImageFolder`` layout, read with PIL: either
     ``root/train/<class>/*.png`` and ``root/test/<class>/*.png`` (both sets are
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import pickle
 import zipfile
@@ -64,6 +68,15 @@ from typing import Any, Final
 
 import numpy as np
 import torch
+
+from attacks.datacheck import (
+    FLOAT_RANGE_TOLERANCE,
+    MAX_CLASSES,  # noqa: F401  (re-exported: attacks.data.MAX_CLASSES)
+    DatasetLimits,
+    NpzCheckError,
+    npz_members,
+    read_member,
+)
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -91,10 +104,9 @@ IMAGE_EXTENSIONS: Final[tuple[str, ...]] = (
 
 #: Most pixel values (N*C*H*W over train and test) a file dataset may hold: 2**30 (4 GiB as float32).
 MAX_ELEMENTS: Final[int] = 2**30
-#: Most classes a dataset may declare (``max(y) + 1``).
-MAX_CLASSES: Final[int] = 100_000
-#: How far float images stored in an ``npz`` may stray outside ``[0, 1]`` (values are kept as stored).
-FLOAT_RANGE_TOLERANCE: Final[float] = 0.1
+# MAX_CLASSES (1,000: labels 0..999, class folders) and FLOAT_RANGE_TOLERANCE (0.1: how far float
+# images in an npz may stray outside [0, 1]; values are kept as stored) come from attacks.datacheck,
+# with the other content bounds (DatasetLimits: decompressed bytes, classes, image side).
 
 _TEST_FRACTION: Final[float] = 0.2
 _SEED: Final[int] = 0
@@ -259,6 +271,7 @@ def load_dataset(
     *,
     max_train: int | None = None,
     max_test: int | None = None,
+    limits: DatasetLimits | None = None,
 ) -> Dataset:
     """Load a dataset by kind (see :data:`DATASET_KINDS` and the module docstring).
 
@@ -268,6 +281,8 @@ def load_dataset(
             root (or the batches folder itself), the ``.npz`` file, or the image root.
         max_train: Keep only the first ``max_train`` training images (after the split).
         max_test: Keep only the first ``max_test`` test images.
+        limits: Bounds on an ``npz``'s or image folder's contents (decompressed bytes,
+            classes, image side); defaults to :class:`attacks.datacheck.DatasetLimits`.
 
     Raises:
         DatasetError: unknown kind, missing or extra ``path``, or unreadable data.
@@ -283,9 +298,9 @@ def load_dataset(
     if path is None:
         raise DatasetError(f"dataset {name!r} is read from files: give its path")
     if name == "npz":
-        full = load_npz(path)
+        full = load_npz(path, limits=limits)
     elif name == "imagefolder":
-        full = load_imagefolder(path)
+        full = load_imagefolder(path, limits=limits)
     else:
         full = load_cifar(path, name)
     return _truncate(full, max_train, max_test)
@@ -388,38 +403,48 @@ def _stratified_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- npz
 
 
-def load_npz(path: str | os.PathLike[str], *, name: str | None = None) -> Dataset:
+def load_npz(
+    path: str | os.PathLike[str], *, name: str | None = None, limits: DatasetLimits | None = None
+) -> Dataset:
     """Load an ``.npz`` archive (format in the module docstring).
 
-    Read with ``numpy.load(allow_pickle=False)``: archives may be untrusted
-    uploads, so object arrays are refused, and each array's header is checked
-    against :data:`MAX_ELEMENTS` before its data is read.
+    Archives may be untrusted uploads, so nothing is unpickled (object arrays
+    are refused) and nothing is allocated from a header alone: the zip's
+    declared sizes are checked against ``limits.max_bytes``, each header's shape
+    and dtype against the bytes its member holds, the pixel count against
+    :data:`MAX_ELEMENTS`, and then the members are read counting the bytes that
+    come out (:mod:`attacks.datacheck`). Labels must be below
+    ``limits.max_classes`` and image sides at most ``limits.max_side``.
 
     Args:
         path: The ``.npz`` file.
         name: The dataset's name; defaults to ``"npz:<first 12 hex of content_hash>"``.
+        limits: Bounds on the contents; defaults to :class:`attacks.datacheck.DatasetLimits`.
     """
+    limits = limits or DatasetLimits()
     p = Path(os.fspath(path))
     if not p.is_file():
         raise DatasetError(f"npz file not found: {p}")
+    with p.open("rb") as fh:
+        magic = fh.read(6)
+    if magic == b"\x93NUMPY":
+        raise DatasetError(f"{p} holds a single array (.npy); expected an .npz archive with keys 'x' and 'y'")
     try:
-        archive = np.load(p, allow_pickle=False)
+        archive = zipfile.ZipFile(p)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"{p} is not a valid .npz archive: {exc}") from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DatasetError(f"{p} holds a single array (.npy); expected an .npz archive with keys 'x' and 'y'")
     with archive:
-        arrays = _read_npz_arrays(p, archive)
+        arrays = _read_npz_arrays(p, archive, limits)
 
-    x = _npz_images(p, "x", arrays["x"])
-    y = _npz_labels(p, "y", arrays["y"], len(x), "x")
+    x = _npz_images(p, "x", arrays["x"], limits)
+    y = _npz_labels(p, "y", arrays["y"], len(x), "x", limits)
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise DatasetError(
             f"{p}: 'x_test' and 'y_test' come together; found only {sorted(set(arrays) & {'x_test', 'y_test'})}"
         )
     if "x_test" in arrays:
-        x_test = _npz_images(p, "x_test", arrays["x_test"])
-        y_test = _npz_labels(p, "y_test", arrays["y_test"], len(x_test), "x_test")
+        x_test = _npz_images(p, "x_test", arrays["x_test"], limits)
+        y_test = _npz_labels(p, "y_test", arrays["y_test"], len(x_test), "x_test", limits)
         if x_test.shape[1:] != x.shape[1:]:
             raise DatasetError(
                 f"{p}: 'x' images are (C, H, W) = {x.shape[1:]} but 'x_test' images are {x_test.shape[1:]}"
@@ -433,7 +458,7 @@ def load_npz(path: str | os.PathLike[str], *, name: str | None = None) -> Datase
     if len(np.unique(y)) < 2:
         raise DatasetError(f"{p}: the training labels hold a single class ({int(y[0])}); a classifier needs at least 2")
     num_classes = int(max(y.max(), y_test.max())) + 1
-    classes = _npz_classes(p, arrays.get("classes"), num_classes)
+    classes = _npz_classes(p, arrays.get("classes"), num_classes, limits)
     ds = Dataset.from_arrays(
         "npz",
         torch.from_numpy(x),
@@ -446,57 +471,24 @@ def load_npz(path: str | os.PathLike[str], *, name: str | None = None) -> Datase
     return _renamed(ds, name or f"npz:{ds.content_hash[:12]}")
 
 
-def _read_npz_arrays(p: Path, archive: np.lib.npyio.NpzFile) -> dict[str, np.ndarray]:
-    keys = set(archive.files)
-    missing = [k for k in ("x", "y") if k not in keys]
-    if missing:
-        raise DatasetError(
-            f"{p}: missing key(s) {missing}; found {sorted(keys)}; expected x, y[, x_test, y_test, classes]"
-        )
-    wanted = [k for k in ("x", "y", "x_test", "y_test", "classes") if k in keys]
-    total = 0
-    for key in wanted:
-        shape, dtype = _npy_header(p, archive, key)
-        if dtype.hasobject:
-            raise DatasetError(
-                f"{p}: array {key!r} holds Python objects (dtype {dtype}); refused because archives are "
-                "read with allow_pickle=False. Store plain numeric arrays."
-            )
-        if key.startswith("x"):
-            total += int(np.prod(shape, dtype=np.int64))
+def _read_npz_arrays(p: Path, archive: zipfile.ZipFile, limits: DatasetLimits) -> dict[str, np.ndarray]:
+    try:
+        members = npz_members(archive, limits)  # declared sizes, headers, object dtypes: no data read yet
+    except NpzCheckError as exc:
+        raise DatasetError(f"{p}: {exc}") from None
+    total = sum(math.prod(m.shape) for k, m in members.items() if k.startswith("x"))
     if total > MAX_ELEMENTS:
         raise DatasetError(f"{p}: {total:,} pixel values exceed the limit of {MAX_ELEMENTS:,}")
     out: dict[str, np.ndarray] = {}
-    for key in wanted:
+    for key, member in members.items():
         try:
-            out[key] = archive[key]
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise DatasetError(f"{p}: cannot read array {key!r}: {exc}") from exc
+            out[key] = read_member(archive, member)
+        except NpzCheckError as exc:
+            raise DatasetError(f"{p}: {exc}") from None
     return out
 
 
-def _npy_header(p: Path, archive: np.lib.npyio.NpzFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one member, read from its header without loading the data."""
-    zf = archive.zip
-    if zf is None:  # pragma: no cover - only after close()
-        raise DatasetError(f"{p}: archive is closed")
-    member = f"{key}.npy" if f"{key}.npy" in zf.namelist() else key
-    fmt = np.lib.format
-    try:
-        with zf.open(member) as fp:
-            version = fmt.read_magic(fp)
-            if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(fp)
-            elif version == (2, 0):
-                shape, _, dtype = fmt.read_array_header_2_0(fp)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{p}: array {key!r} has an invalid .npy header: {exc}") from exc
-    return tuple(shape), np.dtype(dtype)
-
-
-def _npz_images(p: Path, key: str, x: np.ndarray) -> np.ndarray:
+def _npz_images(p: Path, key: str, x: np.ndarray, limits: DatasetLimits) -> np.ndarray:
     """Validate images and return float32 NCHW, contiguous."""
     if x.ndim == 3:
         x = x[:, None]
@@ -516,8 +508,14 @@ def _npz_images(p: Path, key: str, x: np.ndarray) -> np.ndarray:
             x = x.transpose(0, 3, 1, 2)
     else:
         raise DatasetError(f"{p}: {key!r} must be (N, H, W), (N, C, H, W) or (N, H, W, C); got shape {x.shape}")
-    if x.shape[0] == 0 or min(x.shape[2:]) == 0:
+    if x.shape[0] == 0:
         raise DatasetError(f"{p}: {key!r} has shape {x.shape}: no images")
+    if min(x.shape[2:]) == 0:
+        raise DatasetError(f"{p}: {key!r} has shape {x.shape}: images of zero height or width")
+    if max(x.shape[2:]) > limits.max_side:
+        raise DatasetError(
+            f"{p}: {key!r} holds {x.shape[2]}x{x.shape[3]} images; at most {limits.max_side} pixels a side are supported"
+        )
 
     if x.dtype == np.uint8:
         return np.ascontiguousarray(_unit_float(x))
@@ -546,7 +544,7 @@ def _npz_images(p: Path, key: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _npz_labels(p: Path, key: str, y: np.ndarray, n: int, x_key: str) -> np.ndarray:
+def _npz_labels(p: Path, key: str, y: np.ndarray, n: int, x_key: str, limits: DatasetLimits) -> np.ndarray:
     """Validate labels and return int64 (N,)."""
     if y.ndim != 1:
         raise DatasetError(f"{p}: {key!r} must be 1-D (N,); got shape {y.shape}")
@@ -557,18 +555,20 @@ def _npz_labels(p: Path, key: str, y: np.ndarray, n: int, x_key: str) -> np.ndar
     lo, hi = int(y.min()), int(y.max())
     if lo < 0:
         raise DatasetError(f"{p}: {key!r} holds negative labels (min {lo}); labels must be 0, 1, ...")
-    if hi >= MAX_CLASSES:
-        raise DatasetError(f"{p}: {key!r} holds label {hi}; at most {MAX_CLASSES:,} classes are supported")
+    if hi >= limits.max_classes:
+        raise DatasetError(f"{p}: {key!r} holds label {hi}; at most {limits.max_classes:,} classes are supported")
     return y.astype(np.int64)
 
 
-def _npz_classes(p: Path, names: np.ndarray | None, num_classes: int) -> list[str]:
+def _npz_classes(p: Path, names: np.ndarray | None, num_classes: int, limits: DatasetLimits) -> list[str]:
     if names is None:
         return [str(i) for i in range(num_classes)]
     if names.ndim != 1 or names.dtype.kind != "U":
         raise DatasetError(f"{p}: 'classes' must be a 1-D string array; got {names.dtype} of shape {names.shape}")
     if len(names) < num_classes:
         raise DatasetError(f"{p}: 'classes' names {len(names)} classes but the labels go up to {num_classes - 1}")
+    if len(names) > limits.max_classes:
+        raise DatasetError(f"{p}: 'classes' names {len(names):,} classes; at most {limits.max_classes:,} are supported")
     return [str(c) for c in names]
 
 
@@ -747,7 +747,9 @@ _GREY_MODES: Final = frozenset({"1", "L", "LA", "La"})
 _COLOUR_MODES: Final = frozenset({"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
 
 
-def load_imagefolder(root: str | os.PathLike[str], *, name: str | None = None) -> Dataset:
+def load_imagefolder(
+    root: str | os.PathLike[str], *, name: str | None = None, limits: DatasetLimits | None = None
+) -> Dataset:
     """Load a torchvision ``ImageFolder`` tree with PIL (layout in the module docstring).
 
     Files with an extension in :data:`IMAGE_EXTENSIONS` are read, searched
@@ -757,7 +759,9 @@ def load_imagefolder(root: str | os.PathLike[str], *, name: str | None = None) -
     Args:
         root: The image root.
         name: The dataset's name; defaults to ``"imagefolder:<first 12 hex of content_hash>"``.
+        limits: Bounds on the classes and image side; defaults to :class:`attacks.datacheck.DatasetLimits`.
     """
+    limits = limits or DatasetLimits()
     base = Path(os.fspath(root))
     if not base.is_dir():
         raise DatasetError(f"image folder not found: {base}")
@@ -767,8 +771,8 @@ def load_imagefolder(root: str | os.PathLike[str], *, name: str | None = None) -
         raise DatasetError(f"{base}: found {present}/ but no {absent}/; give both, or class folders only")
 
     if has_train:
-        classes = _class_folders(base / "train")
-        test_classes = _class_folders(base / "test")
+        classes = _class_folders(base / "train", limits)
+        test_classes = _class_folders(base / "test", limits)
         if classes != test_classes:
             raise DatasetError(
                 f"{base}: train/ and test/ must hold the same class folders; only in train: "
@@ -776,7 +780,7 @@ def load_imagefolder(root: str | os.PathLike[str], *, name: str | None = None) -
             )
         train_files = _image_files(base / "train", classes)
         test_files = _image_files(base / "test", classes)
-        x, y = _read_images(train_files + test_files)
+        x, y = _read_images(train_files + test_files, limits)
         n_train = len(train_files)
         train = np.random.default_rng(_SEED).permutation(n_train)
         test = n_train + np.random.default_rng(_SEED).permutation(len(test_files))
@@ -785,9 +789,9 @@ def load_imagefolder(root: str | os.PathLike[str], *, name: str | None = None) -
             "of its files sorted by class then path"
         )
     else:
-        classes = _class_folders(base)
+        classes = _class_folders(base, limits)
         files = _image_files(base, classes)
-        x, y = _read_images(files)
+        x, y = _read_images(files, limits)
         train, test = _stratified_split(y.numpy())
         split = _SPLIT_8020 + " (files sorted by class then path)"
     if len(np.unique(y.numpy()[train])) < 2:
@@ -804,12 +808,12 @@ def load_imagefolder(root: str | os.PathLike[str], *, name: str | None = None) -
     return _renamed(ds, name or f"imagefolder:{ds.content_hash[:12]}")
 
 
-def _class_folders(root: Path) -> list[str]:
+def _class_folders(root: Path, limits: DatasetLimits) -> list[str]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DatasetError(f"{root}: no class folders (expected {root}/<class>/<image>)")
-    if len(classes) > MAX_CLASSES:
-        raise DatasetError(f"{root}: {len(classes):,} class folders; at most {MAX_CLASSES:,} are supported")
+    if len(classes) > limits.max_classes:
+        raise DatasetError(f"{root}: {len(classes):,} class folders; at most {limits.max_classes:,} are supported")
     return classes
 
 
@@ -829,7 +833,7 @@ def _image_files(root: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
     return out
 
 
-def _read_images(files: Sequence[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_images(files: Sequence[tuple[Path, int]], limits: DatasetLimits) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every image into one float32 (N, C, H, W) tensor; labels int64."""
     from PIL import Image
 
@@ -852,6 +856,10 @@ def _read_images(files: Sequence[tuple[Path, int]]) -> tuple[torch.Tensor, torch
     assert size is not None  # _image_files never returns an empty list
     width, height = size
     channels = 1 if grey else 3
+    if max(width, height) > limits.max_side:
+        raise DatasetError(
+            f"{first}: images are {width}x{height}; at most {limits.max_side} pixels a side are supported"
+        )
     if len(files) * channels * width * height > MAX_ELEMENTS:
         raise DatasetError(f"{len(files):,} images of {channels}x{height}x{width} exceed {MAX_ELEMENTS:,} pixel values")
 

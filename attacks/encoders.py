@@ -52,7 +52,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import Tensor, nn
+
+from attacks import specs
 
 __all__ = [
     "ARCHITECTURES",
@@ -117,7 +120,9 @@ def _is_number(v: Any) -> bool:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """What to build and how to feed it. Validated on construction (EncoderError).
+    """What to build and how to feed it. Validated on construction (EncoderError), also
+    through the torch-free :class:`attacks.specs.EncoderSpec` (its bounds: in_channels 1 or 3,
+    width <= 1024, input_size <= 1024, ...).
 
     arch: one of :data:`ARCHITECTURES`.
     in_channels: channels the backbone expects (>= 1).
@@ -170,6 +175,11 @@ class EncoderSpec:
             raise EncoderError(f"width must be a positive int, got {self.width!r}")
         if self.feature_dim is not None and (not _is_int(self.feature_dim) or self.feature_dim < 1):
             raise EncoderError(f"feature_dim must be None or a positive int, got {self.feature_dim!r}")
+        # The bounds (in_channels 1 or 3, width <= 1024, ...) are the torch-free model's, shared with the API.
+        try:
+            specs.EncoderSpec.model_validate(self.to_json())
+        except ValidationError as exc:
+            raise EncoderError(f"invalid encoder spec: {specs.error_text(exc)}") from None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

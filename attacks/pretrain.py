@@ -28,12 +28,14 @@ caller's RNG state is left untouched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import Tensor, nn
 
+from attacks import specs
 from attacks.encoders import Encoder, EncoderSpec, build_encoder, freeze
 from attacks.progress import ProgressFn, scaled
 
@@ -42,7 +44,7 @@ __all__ = ["SimCLRConfig", "pretrain_simclr", "augment", "nt_xent", "encode", "l
 
 @dataclass(frozen=True)
 class SimCLRConfig:
-    """SimCLR hyper-parameters (ValueError on bad values).
+    """SimCLR hyper-parameters (ValueError on bad values; bounds from :class:`attacks.specs.SimCLRConfig`).
 
     epochs: passes over the data (>= 1). batch_size: images per step (>= 2; each
     gives two views). lr: Adam learning rate (> 0), cosine-decayed to 0.
@@ -98,6 +100,11 @@ class SimCLRConfig:
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()
         )
         check(device_ok, f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        # The bounds (epochs <= 1000, batch_size <= 8192, ...) are the torch-free model's, shared with the API.
+        try:
+            specs.SimCLRConfig.model_validate({f.name: getattr(self, f.name) for f in fields(self)})
+        except ValidationError as exc:
+            raise ValueError(f"SimCLRConfig: {specs.error_text(exc)}") from None
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -332,7 +333,7 @@ _Y = _labels(10, 2)
         ({"x": np.zeros((10, 16), np.uint8), "y": _Y}, r"must be \(N, H, W\)"),
         ({"x": np.full((10, 4, 4), 255.0), "y": _Y}, r"float images must lie in \[0, 1\]"),
         ({"x": np.full((10, 4, 4), 300, np.int64), "y": _Y}, "integer images must be 8-bit"),
-        ({"x": _X, "y": _Y * 10**6}, "at most 100,000 classes"),
+        ({"x": _X, "y": _Y * 10**6}, "at most 1,000 classes"),
         ({"x": _X, "y": _Y.reshape(5, 2)}, r"'y' must be 1-D"),
         ({"x": _X.astype(bool), "y": _Y}, "expected uint8"),
     ],
@@ -454,3 +455,126 @@ def test_imagefolder_refusals(tmp_path: Path, layout: dict[str, int], message: s
 def test_imagefolder_missing_root(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=f"image folder not found: {tmp_path / 'nope'}"):
         load_dataset("imagefolder", tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------- zip bombs and lying headers
+
+_BOMB_N = 16_384  # (16384, 64, 64) uint8: 64 MiB of zeros, about 65 KB compressed
+
+
+def _write_bomb(path: Path) -> int:
+    """An npz whose x is 64 MiB of zeros, written in 1 MiB pieces (the test never holds it)."""
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (_BOMB_N, 64, 64)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("x.npy", "w", force_zip64=True) as fh:
+            fh.write(header.getvalue())
+            zero = bytes(2**20)
+            for _ in range(_BOMB_N * 64 * 64 // len(zero)):
+                fh.write(zero)
+        np.save(buf := io.BytesIO(), (np.arange(_BOMB_N) % 2).astype(np.int64))
+        zf.writestr("y.npy", buf.getvalue())
+    return _BOMB_N * 64 * 64
+
+
+def _peak(fn) -> tuple[int, object]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            out = fn()
+        except Exception as exc:  # noqa: BLE001 - returned for the caller to check
+            out = exc
+        return tracemalloc.get_traced_memory()[1], out
+    finally:
+        tracemalloc.stop()
+
+
+def test_zip_bomb_is_refused_by_its_decompressed_size_with_bounded_memory(tmp_path: Path) -> None:
+    from attacks.datacheck import DatasetLimits, NpzCheckError, check_npz
+
+    path = tmp_path / "bomb.npz"
+    inflated = _write_bomb(path)
+    assert path.stat().st_size < inflated // 500
+    limits = DatasetLimits(max_bytes=32 * 2**20)
+
+    peak, err = _peak(lambda: check_npz(path, limits))  # the upload check
+    assert isinstance(err, NpzCheckError) and "over the limit of 33,554,432" in str(err)
+    assert peak < 2**20  # refused from the zip's declared sizes: nothing decompressed
+
+    peak, err = _peak(lambda: load_npz(path, limits=limits))  # the worker's loader
+    assert isinstance(err, DatasetError) and "over the limit of 33,554,432" in str(err)
+    assert peak < 2**20
+
+    # Under the cap, the upload check streams all 64 MiB in chunks: memory stays near one chunk.
+    peak, summary = _peak(lambda: check_npz(path, DatasetLimits(max_bytes=2 * inflated, max_ratio=10**6)))
+    assert isinstance(summary, dict) and summary["decompressed_bytes"] > inflated, summary
+    assert peak < 8 * 2**20, peak
+
+    # With the default limits (1 GiB), 64 MiB from 65 KB is refused by its compression ratio, unread.
+    for fn in (lambda: check_npz(path), lambda: load_npz(path)):
+        peak, err = _peak(fn)
+        assert isinstance(err, ValueError) and "more than 200:1 is refused as a zip bomb" in str(err), err
+        assert peak < 2**20
+
+
+def _patch_declared_size(data: bytes, member: str, size: int) -> bytes:
+    import struct
+
+    at = 0
+    while True:
+        at = data.index(b"PK\x01\x02", at)
+        (name_len,) = struct.unpack_from("<H", data, at + 28)
+        if data[at + 46 : at + 46 + name_len] == member.encode():
+            return data[: at + 24] + struct.pack("<I", size) + data[at + 28 :]
+        at += 4
+
+
+def test_declared_shapes_and_sizes_are_checked_before_allocating(tmp_path: Path) -> None:
+    import zipfile
+
+    from attacks.datacheck import check_npz
+
+    def npy(shape, data: bytes) -> bytes:
+        h = io.BytesIO()
+        np.lib.format.write_array_header_1_0(h, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        return h.getvalue() + data
+
+    y = io.BytesIO()
+    np.save(y, (np.arange(10) % 2).astype(np.int64))
+    # A header declaring (2**40, 28, 28) (862 TB) with 1 KB of data.
+    huge = tmp_path / "huge.npz"
+    with zipfile.ZipFile(huge, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", npy((2**40, 28, 28), b"\0" * 1024))
+        zf.writestr("y.npy", y.getvalue())
+    for fn in (lambda: check_npz(huge), lambda: load_npz(huge)):
+        peak, err = _peak(fn)
+        assert isinstance(err, ValueError) and "holds 1,024 bytes of data" in str(err), err
+        assert peak < 2**20
+    # The zip declares 640 bytes for x (as its header does) but the stream holds 8 MiB: never read past 640.
+    liar = tmp_path / "liar.npz"
+    head = npy((10, 8, 8), b"")
+    with zipfile.ZipFile(liar, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", head + bytes(8 * 2**20))
+        zf.writestr("y.npy", y.getvalue())
+    liar.write_bytes(_patch_declared_size(liar.read_bytes(), "x.npy", len(head) + 640))
+    for fn in (lambda: check_npz(liar), lambda: load_npz(liar)):
+        peak, err = _peak(fn)
+        assert isinstance(err, ValueError) and "Bad CRC-32" in str(err), err
+        assert peak < 2**20
+
+
+def test_imagefolder_obeys_the_class_and_side_limits(tmp_path: Path) -> None:
+    from attacks.datacheck import DatasetLimits
+
+    for cls in ("a", "b", "c"):
+        for i in range(3):
+            _write_image(tmp_path / cls / f"{i}.png", np.zeros((40, 40), np.uint8))
+    assert load_dataset("imagefolder", tmp_path).image_shape == (1, 40, 40)
+    with pytest.raises(DatasetError, match="at most 32 pixels a side"):
+        load_dataset("imagefolder", tmp_path, limits=DatasetLimits(max_side=32))
+    with pytest.raises(DatasetError, match="3 class folders; at most 2 are supported"):
+        load_dataset("imagefolder", tmp_path, limits=DatasetLimits(max_classes=2))

@@ -76,12 +76,14 @@ def store_encoder_dir(enc: Encoder, directory: Path, store: ObjectStore) -> dict
 
 def load_job_dataset(job_dataset: str, row: Dataset | None, store: ObjectStore, settings: Settings):
     """Built-in by name, server-side root by configured name, uploaded npz by content hash."""
+    from app.datasets import dataset_limits
+
     if row is not None:
         path = _fetch(store, row.key, Path(settings.cache_dir) / "datasets" / f"{row.sha256}.npz")
-        return load_dataset("npz", path)
+        return load_dataset("npz", path, limits=dataset_limits(settings))
     root = settings.dataset_roots.get(job_dataset)
     if root is not None:
-        return load_dataset(root.loader, root.path)
+        return load_dataset(root.loader, root.path, limits=dataset_limits(settings))
     return load_dataset(job_dataset)
 
 

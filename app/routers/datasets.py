@@ -46,7 +46,7 @@ def create_dataset(
         if size > settings.max_dataset_bytes:
             raise Problem(413, f"dataset of {size} bytes exceeds the limit of {settings.max_dataset_bytes}")
         try:
-            summary = service.inspect_npz(path)
+            summary = service.inspect_npz(path, settings)
         except service.DatasetRefError as exc:
             raise invalid("file", str(exc)) from None
         row = Dataset(team_id=team.id, name=name or "upload", key="", sha256="", size=0, summary=summary)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.datastructures import UploadFile
 
+from attacks import specs
 from attacks.catalogue import ARCHITECTURES
 from app import jobs as job_service
 from app.checkpoints import CheckpointError, inspect_checkpoint
@@ -55,10 +56,27 @@ def _check_architecture(arch: Any) -> str:
 
 
 def _check_spec(extra: dict, arch: str) -> None:
-    """The spec's fields are checked by the engine on a worker (EncoderSpec needs torch); here only
-    its agreement with ``architecture``."""
+    """The spec's fields, bounded, by the engine's torch-free model (``attacks.specs.EncoderSpec``),
+    and its agreement with ``architecture``; 422 naming the field (``spec.width``...)."""
     if extra.get("arch", arch) != arch:
         raise invalid("spec.arch", f"disagrees with architecture {arch!r}")
+    _validate(specs.EncoderSpec, {**extra, "arch": arch}, "spec")
+
+
+def _check_config(config: dict) -> None:
+    """SimCLR ``config`` by ``attacks.specs.SimCLRConfig`` (seed and device are the request's own)."""
+    for k in ("seed", "device"):
+        if k in config:
+            raise invalid(f"config.{k}", f"set the request's top-level {k!r} instead")
+    _validate(specs.SimCLRConfig, config, "config")
+
+
+def _validate(model: type, data: dict, prefix: str) -> None:
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**e, "loc": tuple(str(p)[:64] for p in e.get("loc", ()))} for e in exc.errors()[:20]]
+        raise validation_problem(errors, prefix=(prefix,)) from None
 
 
 @router.post(
@@ -158,9 +176,7 @@ def _wait_checked(encoder_id: uuid.UUID, wait_s: float) -> Encoder | None:
 def _pretrain(body: PretrainCreate, response, session, team, queue, settings) -> EncoderCreated:
     arch = _check_architecture(body.architecture)
     _check_spec(body.spec, arch)
-    for k in ("seed", "device"):
-        if k in body.config:
-            raise invalid(f"config.{k}", f"set the request's top-level {k!r} instead")
+    _check_config(body.config)
     ds = job_service.resolve_dataset(session, team, settings, body.dataset)
     enc = Encoder(team_id=team.id, name=body.name, architecture=arch, spec={**body.spec, "arch": arch},
                   source="pretrain", status=EncoderStatus.pending)
