@@ -10,7 +10,7 @@ from attacks.catalogue import HeadRecipe
 from attacks.defences import (
     DefenceConfig, knn_flags, linf_flags, run_defences, spectral_flags, spectral_quota, spectral_scores,
 )
-from attacks.head import accuracy, train_head
+from attacks.head import accuracy, feature_scale, train_head
 
 RECIPE = HeadRecipe(epochs=50)
 
@@ -107,22 +107,28 @@ def test_linf_filter_catches_out_of_range_poisons_only():
     poisons[1, 0, 2, 2] = 1.2
     poisons[3, 0, 0, 0] = -0.01
     poisons[4, 0, 4, 4] = 1.0  # on the boundary: inside
-    assert linf_flags(poisons, lo, hi).tolist() == [False, True, False, True, False, False]
-    assert linf_flags(poisons, lo, hi, margin=0.5).tolist() == [False] * 6
+    assert linf_flags(poisons, lo, hi, margin=0.0).tolist() == [False, True, False, True, False, False]
+    # the default: a magnitude anomaly, more than half the clean range beyond it
+    assert linf_flags(poisons, lo, hi).tolist() == [False] * 6
+    poisons[2, 0, 1, 1] = 1.51
+    poisons[5, 0, 3, 3] = -0.51
+    assert linf_flags(poisons, lo, hi).tolist() == [False, False, True, False, False, True]
+    assert linf_flags(poisons, lo, hi, margin=0.5).tolist() == linf_flags(poisons, lo, hi).tolist()
     assert linf_flags(poisons[:0], lo, hi).numel() == 0
 
 
 # ------------------------------------------------------------------ run_defences
 def _poisoned_set():
     """Clean clusters; 20 poisons: mislabelled inside class 0's cluster, with images whose first
-    12 pixels leave [0, 1] (the rest inside)."""
+    12 have a pixel at 2.0, a magnitude anomaly (more than half the range beyond [0, 1]); the
+    rest inside."""
     Z, y, centres = _clusters(n_per_class=100)
     Zt, yt, _ = _clusters(n_per_class=50, seed=9)
     g = torch.Generator().manual_seed(5)
     Zp = centres[0] + 0.5 * torch.randn(20, Z.shape[1], generator=g)
     yp = torch.full((20,), 2)
     images = torch.rand(20, 3, 4, 4, generator=g)
-    images[:12, 1, 0, 0] = 1.5
+    images[:12, 1, 0, 0] = 2.0
     return Z, y, Zp, yp, Zt, yt, images
 
 
@@ -138,7 +144,9 @@ def test_run_defences_counts_add_up_and_retrain_on_what_is_kept():
     assert res["knn"]["poisons_removed"] == 20
     # The L_inf head is the head trained on the clean set plus the 8 in-range poisons.
     keep = torch.cat([Z, Zp[12:]]), torch.cat([y, yp[12:]])
-    assert res["linf"]["accuracy"] == accuracy(train_head(*keep, 3, RECIPE, 0), Zt, yt)
+    victim = train_head(*keep, 3, RECIPE, 0, scale=feature_scale(Z))  # the clean set fixes lambda
+    assert res["linf"]["accuracy"] == accuracy(victim, Zt, yt)
+    assert res["linf"]["removed_fraction"] == 12 / 20
     # The spectral filter removes exactly its per-class budget.
     frac = 20 / 320
     assert res["spectral"]["params"]["expected_fraction"] == pytest.approx(frac)
@@ -183,8 +191,9 @@ TINY = {
 def test_pipeline_reports_defences_for_poisoning_attacks(attack, tiny_encoder, digits_small):
     from attacks.pipeline import run_job
 
-    m = run_job(encoder=tiny_encoder, dataset=digits_small, attack=attack, epsilon=0.05, params=TINY[attack],
-                device="cpu").metrics
+    r = run_job(encoder=tiny_encoder, dataset=digits_small, attack=attack, epsilon=0.05, params=TINY[attack],
+                device="cpu")
+    m = r.metrics
     if attack == "gradpc":
         assert "defences" not in m
         return
@@ -199,7 +208,9 @@ def test_pipeline_reports_defences_for_poisoning_attacks(attack, tiny_encoder, d
         _counts_add_up(d["linf"])
         assert d["linf"]["clean_removed"] == 0
         lo, hi = m["poison_stats"]["clean_range"]
-        assert (d["linf"]["poisons_removed"] > 0) == (m["poison_stats"]["fraction_outside_clean_range"] > 0)
+        # exactly the returned poisons that are magnitude anomalies (the default relative margin)
+        assert d["linf"]["poisons_removed"] == int(linf_flags(r.poisons.x, lo, hi).sum())
+        assert d["linf"]["params"]["margin"] == 0.5
     assert m["stage_seconds"]["defences"] >= 0
     assert m["versions"]["torch"] == torch.__version__
 

@@ -46,13 +46,13 @@ def test_error_minimising_pass_lowers_the_training_loss(ctx):
 
 def test_replaced_bases_keep_the_training_set_size(tiny_encoder, digits_small, monkeypatch):
     sizes = []
-    real = pipeline.train_head
+    real = pipeline.fit_head
 
     def spy(Z, y, *a, **k):
         sizes.append((Z.shape[0], y.shape[0]))
         return real(Z, y, *a, **k)
 
-    monkeypatch.setattr(pipeline, "train_head", spy)
+    monkeypatch.setattr(pipeline, "fit_head", spy)
     r = run_job(encoder=tiny_encoder, dataset=digits_small, attack="emn", epsilon=0.3, params=FAST, **JOB)
     N = digits_small.n_train
     # clean head, then the poisoned head: both on exactly N points
@@ -64,8 +64,8 @@ def test_replaced_bases_keep_the_training_set_size(tiny_encoder, digits_small, m
 
 def test_epsilon_one_perturbs_every_image(tiny_encoder, digits_small, monkeypatch):
     sizes = []
-    real = pipeline.train_head
-    monkeypatch.setattr(pipeline, "train_head", lambda Z, y, *a, **k: sizes.append(Z.shape[0]) or real(Z, y, *a, **k))
+    real = pipeline.fit_head
+    monkeypatch.setattr(pipeline, "fit_head", lambda Z, y, *a, **k: sizes.append(Z.shape[0]) or real(Z, y, *a, **k))
     r = run_job(encoder=tiny_encoder, dataset=digits_small, attack="emn", epsilon=1.0, params=FAST, **JOB)
     N = digits_small.n_train
     assert r.metrics["n_poisons"] == N and sizes[:2] == [N, N]

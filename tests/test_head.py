@@ -90,10 +90,48 @@ def test_train_head_lbfgs_fits_separable_data_and_is_deterministic():
     centers = torch.randn(3, 5, generator=g) * 4
     y = torch.arange(300) % 3
     Z = centers[y] + torch.randn(300, 5, generator=g)
-    h1 = train_head(Z, y, 3, HeadRecipe(epochs=50))
-    h2 = train_head(Z, y, 3, HeadRecipe(epochs=50))
+    h1 = train_head(Z, y, 3)
+    h2 = train_head(Z, y, 3)
     assert accuracy(h1, Z, y) > 0.95
     assert torch.equal(h1.W, h2.W) and torch.equal(h1.b, h2.b)
+
+
+def test_lbfgs_victim_reaches_a_stationary_point_of_its_objective_at_any_feature_scale():
+    """The default victim solves mean CE + lambda/2 ||W||^2, lambda = l2 s^2, to its tolerance: the
+    gradient of that objective (objective_gradient / n) vanishes, the info says so, a warm start
+    lands on the same minimiser, and scaling the features by 1000 scales W by 1/1000 (same l2)."""
+    from attacks.head import feature_scale, fit_head, l2_strength, objective_gradient
+
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 8, generator=g) * 3
+    y = torch.arange(400) % 4
+    Z = centers[y] + torch.randn(400, 8, generator=g)
+    r = HeadRecipe()
+    head, info = fit_head(Z, y, 4, r)
+    assert info["optimizer"] == "lbfgs" and info["converged"] and info["grad_max"] <= 2 * r.tol
+    s = feature_scale(Z)
+    lam = l2_strength(r, s)
+    assert lam == pytest.approx(r.l2 * float((Z ** 2).sum(1).mean()))
+    G = objective_gradient(head, Z, y, lam, Z.shape[0])
+    # in the scaled units the tolerance is measured in: grad wrt W*s is grad_W / s
+    assert (G.W / Z.shape[0] / s).abs().max() < 5 * r.tol and (G.b / Z.shape[0]).abs().max() < 5 * r.tol
+    # lambda is small (the problem is badly conditioned), so a gradient tolerance pins the objective's
+    # value, not W to the last digit: a warm start and 1000x features reach the same minimum value
+    # and the same predictions
+    def objective(h, Zs, lam_):
+        return float(torch.nn.functional.cross_entropy(Zs @ h.W.T + h.b, y) + 0.5 * lam_ * (h.W ** 2).sum())
+
+    f_star = objective(head, Z, lam)
+    warm, _ = fit_head(Z, y, 4, r, init=Head(head.W * 0.5, head.b))
+    assert objective(warm, Z, lam) == pytest.approx(f_star, abs=r.tol)
+    assert (Z @ warm.W.T + warm.b).argmax(1).tolist() == (Z @ head.W.T + head.b).argmax(1).tolist()
+    big, big_info = fit_head(Z * 1000, y, 4, r)
+    assert big_info["converged"]
+    assert objective(big, Z * 1000, l2_strength(r, feature_scale(Z * 1000))) == pytest.approx(f_star, abs=r.tol)
+    assert (Z @ head.W.T + head.b).argmax(1).tolist() == ((Z * 1000) @ big.W.T + big.b).argmax(1).tolist()
+    # unregularised and capped at 3 iterations: not converged, and the info says so
+    _, capped = fit_head(Z, y, 4, HeadRecipe(l2=0, max_iter=3))
+    assert not capped["converged"]
 
 
 def test_train_head_sgd_seeded():

@@ -168,6 +168,23 @@ def test_gradient_canceling_never_returns_non_finite_features():
         gradient_canceling(head, G, Z0, y[:5], steps=20, lr=0.5)
 
 
+def test_gradient_canceling_with_a_huge_step_halves_it_and_still_makes_progress():
+    """A step far too large used to end in AttackDiverged; now the step halves and the run restarts
+    from its best iterate until it makes progress (APGD-style), and the answer is finite."""
+    from attacks.gc_feature import gradient_canceling
+    from attacks.head import Head, summed_gradient
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(60, 6, generator=g)
+    y = torch.arange(60) % 3
+    head = Head(torch.randn(3, 6, generator=g) * 2, torch.zeros(3))
+    G = summed_gradient(head, Z, y)
+    zeta, info = gradient_canceling(head, G, Z[:6].clone(), y[:6], steps=200, lr=1e4, stop_loss=0.0)
+    assert torch.isfinite(zeta).all()
+    assert info["gc_step_halvings"] >= 5 and info["gc_step_final_multiplier"] < 1
+    assert info["gc_loss_final"] < info["gc_loss_initial"]
+
+
 def test_gradient_canceling_reduces_the_residual():
     from attacks.gc_feature import gradient_canceling
     from attacks.gradpc import gradpc_target
@@ -200,6 +217,30 @@ def test_invalid_parameters_fail_before_any_work(tiny_encoder, digits_small):
         run_job(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=1.5,
                 device="cpu", progress=lambda s, f: calls.append(s))
     assert calls == []
+
+
+def test_gradpc_steps_and_the_weak_target_warning(tiny_encoder, digits_small):
+    """step 'auto' (default) sweeps relative steps x corruptions and keeps the lowest retrained training
+    accuracy; an explicit eps_w is the paper's absolute step; a target barely below clean is flagged."""
+    from attacks.catalogue import AUTO_CORRUPTIONS, AUTO_RELATIVE_STEPS, GradPCParams
+
+    assert GradPCParams().step == "auto" and GradPCParams(eps_w=2).step == "absolute"
+    assert GradPCParams(eps_w=2, step="relative").step == "relative"
+    auto = run_job(encoder=tiny_encoder, dataset=digits_small, attack="gradpc", epsilon=0.05, device="cpu",
+                   defences=False).metrics
+    sweep = auto["gradpc_sweep"]
+    assert len(sweep) == len(AUTO_RELATIVE_STEPS) * len(AUTO_CORRUPTIONS)
+    best = min(sweep, key=lambda r: (r["retrained_train_accuracy"], r["relative_step"]))
+    assert auto["eps_w_relative"] == pytest.approx(best["relative_step"], rel=1e-6)
+    assert (auto["gradpc_corrupt"], auto["gradpc_refit_bias"]) == (best["corrupt"], best["refit_bias"])
+    weak = run_job(encoder=tiny_encoder, dataset=digits_small, attack="gradpc", epsilon=0.05, device="cpu",
+                   params={"eps_w": 1e-4}, defences=False).metrics
+    assert weak["gradpc_step"] == "absolute" and weak["eps_w"] == 1e-4
+    assert any(w.startswith("GradPC target is only") for w in weak["warnings"])
+    assert not any(w.startswith("GradPC target is only") for w in auto["warnings"])
+    only = run_job(encoder=tiny_encoder, dataset=digits_small, attack="gradpc", epsilon=0.05, device="cpu",
+                   params={"corrupt": "weights", "refit_bias": True}, defences=False).metrics
+    assert {(r["corrupt"], r["refit_bias"]) for r in only["gradpc_sweep"]} == {("weights", True)}
 
 
 def test_gradpc_weights_only_and_bias_refit():
@@ -320,9 +361,9 @@ def test_gradient_canceling_ceiling_keeps_zeta_in_the_clean_features_range():
     boxed, info = gradient_canceling(target, G, Z[:30], y[:30], ceiling=cap, **kw)
     assert (free > 2 * cap).any()  # the setting does push zeta past the clean range (measured 2.3x)
     assert (boxed <= cap + 1e-6).all() and boxed.min() >= 0
-    # measured 0.023 with torch 2.14.1 and 0.36 with 2.11 (the target's L-BFGS fit differs in the last
-    # bits and GC's path with it): the bound is progress, not a particular path
-    assert info["gc_loss_final"] < 0.5 * info["gc_loss_initial"]
+    # the box binds: against the regularised victim's target GC inside it ends at 0.60 of its start
+    # (torch 2.14.1; paths differ across torch versions), so the bound is progress, not a path
+    assert info["gc_loss_final"] < 0.8 * info["gc_loss_initial"]
     half, _ = gradient_canceling(target, G, Z[:30], y[:30], ceiling=feature_ceiling(0.5, Z), **kw)
     assert (half <= 0.5 * cap + 1e-6).all()  # also when the start is above it: clipped at once
 

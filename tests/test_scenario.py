@@ -37,7 +37,9 @@ def test_transfer_poisons_stay_at_the_target_resolution(digits_small, mnist5k):
     encoder wrapper, so the poisons are optimised, and returned, as 8x8 digits."""
     enc = mark_pretrained_on(_encoder(input_size=28), mnist5k)
     r = run_job(encoder=enc, dataset=digits_small, attack="feature_matching", epsilon=0.05, device="cpu",
-                params={"gc_steps": 20, "fm_steps": 3, "batch_size": 16})
+                params={"gc_steps": 20, "fm_steps": 30, "batch_size": 16})
+    # (30 steps: with 3, the first sign-like Adam steps cost more in beta's term than they gain in
+    # the features' on this random encoder, and each poison keeps its best iterate, the base)
     assert r.metrics["scenario"] == "transfer"
     assert tuple(r.poisons.x.shape[1:]) == tuple(digits_small.x_train.shape[1:]) == (1, 8, 8)
     assert r.metrics["poison_stats"]["linf_to_base"]["max"] > 0  # the poisons moved, at 8x8
