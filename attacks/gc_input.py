@@ -42,10 +42,13 @@ Shapes: nu and mu' (n, C, H, W) float32 in the dataset's pixel space, with
 n = round(eps_d * N) >= 1; labels (n,) kept from mu' (clean-label); zeta = f(nu)
 (n, d).
 
-Divergence: a non-finite or exploding objective restores the best iterate and
-halves the step; after 12 halvings the attack raises AttackDiverged. The result
-is the iterate with the lowest objective (GC residual plus the penalty when
-constrained). Never a silent NaN.
+Step-size control (as gc_feature's, in the manner of APGD): a non-finite or
+exploding objective or gradient restores the best iterate and halves the step, and
+so does a window of max(10, steps/20) steps that lowered the best objective by
+less than 1%; the run stops when the step has been halved below 2^-40 of its
+start. The result is the iterate with the lowest objective (GC residual plus the
+penalty when constrained); only clean images whose features are already
+non-finite raise AttackDiverged. Never a silent NaN.
 """
 
 from __future__ import annotations
@@ -212,34 +215,48 @@ def input_gradient_canceling(
     gc0 = None
     halvings, done = 0, 0
     adam = AdamDirection() if optimizer == "adam" else None
+    window = max(10, steps // 20)
+    mult, checkpoint = 1.0, math.inf
+
+    def back_off() -> bool:
+        """Halve the step and restart from the best iterate; False once the step is negligible."""
+        nonlocal halvings, mult, nu, adam
+        halvings += 1
+        mult /= 2
+        nu = best[2].clone()
+        if adam is not None:  # its moments belong to the abandoned path
+            adam = AdamDirection()
+        return mult >= 2.0 ** -40
+
     for t in range(steps):
         if progress and t % 10 == 0:
             progress(t / steps)
         Zp, vjp = enc.features_then_vjp(nu)
         gc, total, cot = objective(nu, Zp)
         if gc0 is None:
+            if not (math.isfinite(total) and bool(torch.isfinite(Zp).all())):
+                raise AttackDiverged("input-space Gradient Canceling: the encoder's features of the clean "
+                                     "images are not finite")
             gc0, ref = gc, total
         if not math.isfinite(total) or not torch.isfinite(Zp).all() or total > 10 * max(best[0] if best else ref, ref):
-            halvings += 1
-            if halvings > 12 or best is None:
-                raise AttackDiverged(
-                    f"input-space Gradient Canceling diverged (objective {total:.3g}) even with its step "
-                    f"halved {halvings - 1} times; lower gc_lr"
-                )
-            base = base / 2 if base is not None else None
-            nu = best[2].clone()
+            if not back_off():
+                break
             continue
         if best is None or total < best[0]:
             best = (total, gc, nu.clone(), Zp)
         if gc < stop_loss:
             break
+        if t > 0 and t % window == 0:
+            stalled = best[0] > 0.99 * checkpoint
+            checkpoint = best[0]
+            if stalled:
+                if not back_off():
+                    break
+                continue
         g = vjp(cot.float())
         if not torch.isfinite(g).all():
-            halvings += 1
-            if halvings > 12:
-                raise AttackDiverged("input-space Gradient Canceling: non-finite gradient through the encoder")
-            base = base / 2 if base is not None else None
-            nu = best[2].clone()
+            if not back_off():
+                break
             continue
         if adam is not None:
             g = adam(g)
@@ -247,7 +264,7 @@ def input_gradient_canceling(
             # Scale-free step: the first step moves a poison by about lr * image_scale.
             g0 = g.reshape(n, -1).norm(dim=1).mean().item()
             base = lr * image_scale / max(g0, 1e-30)
-        eta = base * 0.5 * (1 + math.cos(math.pi * t / steps))
+        eta = mult * base * 0.5 * (1 + math.cos(math.pi * t / steps))
         nu = nu - eta * g
         if constrained:
             nu = constrain(nu, mu, eta, pen, lo, hi)
@@ -268,6 +285,7 @@ def input_gradient_canceling(
         "gc_objective_final": total,
         "gc_steps_run": done,
         "gc_step_size": base if base is not None else 0.0,
+        "gc_step_final_multiplier": mult,
         "gc_step_halvings": halvings,
         "image_scale": image_scale,
     }

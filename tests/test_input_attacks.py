@@ -213,6 +213,17 @@ def test_gc_input_optimises_the_residual(tiny_encoder, digits_small, gc_setup):
     assert info["gc_steps_run"] == 25
 
 
+def test_gc_input_with_a_huge_step_halves_it_and_still_makes_progress(tiny_encoder, digits_small, gc_setup):
+    """A step 10^7 times too large used to end in AttackDiverged after 12 halvings; now the step halves
+    and the run restarts from its best iterate until it makes progress: a finite answer, better
+    than the clean images, and the result says how often the step was halved."""
+    x = digits_small.x_train
+    nu, zeta, info = _gc(tiny_encoder, digits_small, gc_setup, constrained=False, lr=1e6, steps=60)
+    assert torch.isfinite(nu).all() and torch.isfinite(zeta).all()
+    assert info["gc_step_halvings"] > 12 and info["gc_step_final_multiplier"] < 2.0 ** -12
+    assert info["gc_loss_final"] < info["gc_loss_initial"] and not torch.equal(nu, x[:60])
+
+
 def test_gc_input_adam_preconditions_the_step(tiny_encoder, digits_small, gc_setup):
     """optimizer "adam": a different path from GD's that also lowers the residual; constrained it
     keeps the clipping; an unknown optimizer name is refused by the parameter model."""

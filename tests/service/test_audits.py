@@ -76,6 +76,31 @@ def test_default_beta_and_attacks_without_one(client, team_a, ready_encoder):
     assert only["betas"] is None and [r["beta"] for r in only["table"]["rows"]] == [None]
 
 
+def test_no_attacks_runs_the_papers_table_at_the_catalogues_defaults(client, session, team_a, ready_encoder, queue):
+    """An audit with only an encoder and a dataset: the paper's table (attacks.catalogue.PAPER_TABLE),
+    every row with empty params (the catalogue's defaults) but the constrained/projected switches,
+    feature matching's three rows at beta 0.25, 0.1, 0.05, epsilons 0.03 and 0.1."""
+    from app.models import Job
+
+    _, h = team_a
+    r = client.post("/v1/audits", json={"encoder": str(ready_encoder.id), "dataset": "digits"}, headers=h)
+    assert r.status_code == 202, r.text
+    a = r.json()
+    assert a["betas"] == [0.25, 0.1, 0.05] and a["epsilons"] == [0.03, 0.1]
+    labels = [row["label"] for row in a["table"]["rows"]]
+    assert labels[:7] == ["gradpc", "gc_feature", "gc_input (no constraints)", "gc_input (constrained)",
+                          "tgda_input (no constraints)", "tgda_input (constrained)", "decoder_inversion"]
+    assert "feature_matching (projected) (beta=0.05)" in labels and "feature_matching_r (beta=0.1)" in labels
+    # 7 rows without a beta + 3 beta-taking entries x 3 betas, x 2 epsilons x 1 seed
+    assert len(a["jobs"]) == (7 + 3 * 3) * 2 == len(queue.sent)
+    jobs = [session.get(Job, uuid.UUID(jid)) for jid, _, _ in queue.sent]
+    assert {(j.attack, json.dumps(j.params, sort_keys=True)) for j in jobs} == {
+        ("gradpc", "{}"), ("gc_feature", "{}"), ("gc_input", '{"constrained": false}'),
+        ("gc_input", '{"constrained": true}'), ("tgda_input", '{"constrained": false}'),
+        ("tgda_input", '{"constrained": true}'), ("decoder_inversion", "{}"), ("feature_matching", "{}"),
+        ("feature_matching", '{"projected": true}'), ("feature_matching_r", "{}")}
+
+
 def test_defences_option_reaches_every_job(client, session, team_a, ready_encoder):
     from app.models import Job
 
