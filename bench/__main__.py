@@ -7,7 +7,7 @@ import importlib
 import inspect
 import sys
 
-BENCHES = ["gc_feature", "evaluation", "fm_throughput", "extraction", "memory", "load", "input_space"]
+BENCHES = ["gc_feature", "evaluation", "fm_throughput", "extraction", "memory", "load", "input_space", "strength"]
 
 
 def main(argv=None) -> int:
