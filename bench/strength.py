@@ -76,6 +76,6 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                 print(table([row], list(row)), flush=True)
     print(table(rows, ["attack", "beta", "epsilon", "defaults_drop", "literal_drop", "noise_points",
                        "defaults_warnings", "literal_warnings"]))
-    write("strength", rows, {"dataset": "digits", "seeds": list(seeds), "device": device,
+    write("strength", rows, {"dataset": "digits", "seeds": list(seeds), "device": device, "quick": quick,
                              "torch_threads": torch.get_num_threads()})
     return rows

@@ -239,7 +239,7 @@ def test_gc_input_adam_preconditions_the_step(tiny_encoder, digits_small, gc_set
     assert info["gc_loss_final"] < 0.5 * info["gc_loss_initial"]
     con, _, _ = _gc(tiny_encoder, digits_small, gc_setup, constrained=True, optimizer="adam", lr=0.01)
     assert con.min() >= lo and con.max() <= hi and not torch.equal(con, x[:60])
-    assert GCInputParams(gc_optimizer="adam").gc_optimizer == "adam" and GCInputParams().gc_optimizer == "gd"
+    assert GCInputParams(gc_optimizer="adam").gc_optimizer == "adam" and GCInputParams().gc_optimizer == "adam"
     with pytest.raises(ValidationError, match="gc_optimizer"):
         GCInputParams(gc_optimizer="lbfgs")
 

@@ -52,7 +52,11 @@ def test_gc_feature_retrains_to_the_gradpc_target(simclr_mnist, mnist5k, cache):
     assert m["gc_loss_final"] < 0.01 * m["gc_loss_initial"]
 
 
-def test_feature_matching_smaller_beta_is_stronger_and_larger(simclr_mnist, mnist5k, cache):
+def test_feature_matching_smaller_beta_gives_larger_poisons_that_still_match(simclr_mnist, mnist5k, cache):
+    """The mechanism on mnist5k with a hand-set recipe (FM above). How much harm the defaults do,
+    and that a smaller beta does more, is claimed at the catalogue's defaults on the mean over
+    seeds in tests/test_claims_defaults.py: one seed of 1,000 test images is not evidence of a
+    1-point difference."""
     strong = _run(simclr_mnist, mnist5k, cache, attack="feature_matching", epsilon=0.1, beta=0.05, params=FM)
     weak = _run(simclr_mnist, mnist5k, cache, attack="feature_matching", epsilon=0.1, beta=0.25, params=FM)
     assert weak.metrics["n_poisons"] == strong.metrics["n_poisons"] == 400
@@ -70,8 +74,6 @@ def test_feature_matching_smaller_beta_is_stronger_and_larger(simclr_mnist, mnis
     # Measured (seed 0): beta .25 drop 2.4 points (L_inf 2.70), beta .05 drop 2.6 (L_inf 3.19).
     # Without the ceiling GC put its harm into features no nearby image has (zeta 0.752, 18.5 points,
     # but a match error of 185 from 248) and the realised drop was 1.5 (closing note of #2).
-    assert weak.metrics["drop"] >= 0.02
-    assert strong.metrics["drop"] >= weak.metrics["drop"]
     assert strong.metrics["poison_stats"]["linf"]["max"] > weak.metrics["poison_stats"]["linf"]["max"]
     assert strong.metrics["poison_stats"]["linf_to_base"]["mean"] > weak.metrics["poison_stats"]["linf_to_base"]["mean"]
 

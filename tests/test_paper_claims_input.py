@@ -6,27 +6,16 @@ for the session's mnist5k encoder, and an input-space step on 43 poisons of 8x8 
 costs ~10 ms where 120 poisons of 28x28 through a width-64 encoder cost ~100 ms. Linear
 probe (L-BFGS head): 91.9% test accuracy.
 
-Target: GradPC W-only with the bias re-fitted (``corrupt="weights", refit_bias=True``) and
-eps_w by bisection to 60% training accuracy. The joint step's damage sits mostly in the
-bias, which no bounded set of poisons can cancel (see GradPCParams.refit_bias).
+GC input runs at the catalogue's defaults (only ``constrained`` is set: both variants are rows
+of the default audit): the automatic GradPC target, 2,000 steps of Adam-preconditioned descent
+on the pixels with the step halved on stalls. Measured at epsilon 0.03, seeds 0-2 (run with -s
+to print): clean 92.2%, target 11.7%; unconstrained drops 18.1 / 16.4 / 20.6 points (mean
+18.3; L_inf to base ~15, 90% of the pixels outside the clean range), constrained 3.9 / 3.6 /
+4.4 (mean 4.0, inside the range). The paper's plain descent (``gc_optimizer: "gd"``) drops 10.8
+unconstrained and 4.4 constrained on the mean: weaker where it matters, which is why Adam is
+the default. The paper: 29.5 vs 2.5 points on CIFAR-10.
 
-Step counts: 1,000 GC steps at gc_lr 0.3 per GC run and 100 TGDA epochs. Measured on this
-setting (CPU, one thread) before they were fixed: the unconstrained residual falls from
-4.4e3 to ~3.2e3 by 300 steps and barely further by 1,000, so 1,000 is where more steps
-stop paying; gc_lr 1 and 3 needed step halvings and ended higher. Each GC run takes
-~10 s, the TGDA run ~10 s, the whole module well under the 3-minute budget on an idle
-2-core machine.
-
-Measured (seed 0): clean 91.9%, target 58.3%; GC input unconstrained 88.9% (drop 3.1 points,
-L_inf up to ~14, half the pixels outside the clean range), constrained 90.0% (drop 1.9
-points, inside the range). Plain gradient descent on the pixels stalls: over seeds 0-3 it is
-1.9 vs 1.1 points on average. With the Adam-preconditioned step (gc_optimizer "adam", 3,000
-steps, ~4 s a run) the unconstrained attack drops 5.1 points on average against 1.6
-constrained, larger at every seed: that is the "far more" asserted, with poisons far larger
-(>= 5x L_inf, >= 3x distance to base) and constrained poisons of both attacks inside the
-clean range. Still far below the paper's 29.5 vs 2.5 points on CIFAR-10: feature-space GC
-itself reaches only 79-82% against the 58% target with 43 poisons. The numbers are printed
-(run with -s).
+TGDA: 100 epochs at leader_lr 0.05 (hand-set; see its test).
 """
 
 from __future__ import annotations
@@ -36,11 +25,10 @@ import torch
 
 from attacks.features import FeatureCache
 from attacks.pipeline import run_job
+from attacks.stage_cache import StageCache
 
 pytestmark = pytest.mark.slow
 
-TARGET = {"target_accuracy": 0.6, "corrupt": "weights", "refit_bias": True}
-GC = {**TARGET, "gc_steps": 1000, "gc_lr": 0.3}
 TGDA = {"epochs": 100, "leader_lr": 0.05}
 
 
@@ -74,9 +62,14 @@ def cache():
     return FeatureCache()
 
 
-def _run(enc, ds, cache, attack, params, seed=0):
+@pytest.fixture(scope="module")
+def stages():
+    return StageCache()
+
+
+def _run(enc, ds, cache, attack, params, seed=0, **kw):
     r = run_job(encoder=enc, dataset=ds, attack=attack, epsilon=0.03, params=params, device="cpu", seed=seed,
-                cache=cache)
+                cache=cache, **kw)
     m, ps = r.metrics, r.metrics["poison_stats"]
     print(
         f"\n{attack} constrained={params.get('constrained', True)}: clean {m['clean_accuracy']:.4f} "
@@ -89,41 +82,36 @@ def _run(enc, ds, cache, attack, params, seed=0):
     return r
 
 
-def test_gc_input_unconstrained_is_far_stronger_and_far_larger(simclr_digits, digits, cache):
-    """The paper's plain gradient descent on the pixels (seed 0), then the Adam-preconditioned step
-    over four seeds: "far more" is a statement about the attack at its strength, and a single
-    360-image test set moves in steps of 0.28 points, so the drops are averaged."""
-    free = _run(simclr_digits, digits, cache, "gc_input", {**GC, "constrained": False})
-    con = _run(simclr_digits, digits, cache, "gc_input", {**GC, "constrained": True})
-    mf, mc = free.metrics, con.metrics
-    assert mf["n_poisons"] == mc["n_poisons"] == 43
-    assert mf["target_accuracy"] < mf["clean_accuracy"] - 0.2  # the target is a real drop
-    # the residual really moved, more without the constraints
-    assert mf["gc_loss_final"] < 0.8 * mf["gc_loss_initial"]
-    assert mf["gc_loss_final"] < mc["gc_loss_final"]
-    # Plain GD: stronger, not far stronger (measured 3.1 vs 1.9 points at seed 0; over seeds 0-3
-    # 1.9 vs 1.1 on average, and seed 3 the other way round: 0.3 vs 1.1).
-    assert mf["drop"] >= 0.02
-    assert mf["drop"] > mc["drop"]
-    # Adam on the pixels, 3,000 steps (gc_optimizer "adam"), seeds 0-3. Measured: unconstrained 6.9,
-    # 5.8, 3.1, 4.4 points (mean 5.1), constrained 1.9, 0.3, 1.9, 2.2 (mean 1.6): 3.2x on average and
-    # larger at every seed.
-    adam = {**GC, "gc_optimizer": "adam", "gc_steps": 3000}
-    drops = {c: [_run(simclr_digits, digits, cache, "gc_input", {**adam, "constrained": c}, seed=s).metrics["drop"]
-                 for s in range(4)] for c in (False, True)}
-    mean_free, mean_con = sum(drops[False]) / 4, sum(drops[True]) / 4
-    print(f"adam drops: unconstrained {drops[False]} (mean {mean_free:.4f}), constrained {drops[True]} "
+def test_gc_input_unconstrained_is_far_stronger_and_far_larger(simclr_digits, digits, cache, stages):
+    """At the catalogue's defaults, seeds 0-2: "far more" harm without the constraints, on the mean
+    (the test set moves in steps of 0.28 points; two standard errors of a difference are ~4), and
+    poisons far larger; constrained poisons stay inside the clean range."""
+    runs = {c: [_run(simclr_digits, digits, cache, "gc_input", {"constrained": c}, seed=s, stage_cache=stages,
+                     defences=False) for s in range(3)] for c in (False, True)}
+    drops = {c: [r.metrics["drop"] for r in rs] for c, rs in runs.items()}
+    mean_free, mean_con = sum(drops[False]) / 3, sum(drops[True]) / 3
+    print(f"gc_input drops: unconstrained {drops[False]} (mean {mean_free:.4f}), constrained {drops[True]} "
           f"(mean {mean_con:.4f})")
-    assert mean_free >= 0.04 and mean_free >= 2.5 * mean_con
-    assert all(f > c for f, c in zip(drops[False], drops[True]))
-    # The poisons' magnitude: far larger.
-    assert mf["poison_stats"]["linf"]["max"] >= 5 * mc["poison_stats"]["linf"]["max"]
-    assert mf["poison_stats"]["l2_to_base"]["mean"] >= 3 * mc["poison_stats"]["l2_to_base"]["mean"]
-    assert mf["poison_stats"]["fraction_outside_clean_range"] > 0.1
-    # constrained poisons stay inside the clean data range
-    lo, hi = mc["poison_stats"]["clean_range"]
-    assert con.poisons.x.min() >= lo and con.poisons.x.max() <= hi
-    assert mc["poison_stats"]["fraction_outside_clean_range"] == 0.0
+    for rs in runs.values():
+        for r in rs:
+            m = r.metrics
+            assert m["n_poisons"] == 43 and m["params"]["gc_optimizer"] == "adam"
+            assert m["target_accuracy"] < m["clean_accuracy"] - 0.2  # the target is a real drop
+            assert m["gc_loss_final"] < m["gc_loss_initial"]
+    # measured 18.3 vs 4.0 points: asserted at about half the gap, far above the noise
+    assert mean_free >= 0.09 and mean_free >= mean_con + 0.07 and mean_free >= 2 * mean_con
+    assert min(drops[False]) > 0.04  # every seed above the test set's noise
+    for free, con in zip(runs[False], runs[True]):
+        mf, mc = free.metrics, con.metrics
+        assert mf["gc_loss_final"] < mc["gc_loss_final"]
+        # the poisons' magnitude: far larger (measured L_inf to base ~15 vs ~1)
+        assert mf["poison_stats"]["linf"]["max"] >= 5 * mc["poison_stats"]["linf"]["max"]
+        assert mf["poison_stats"]["l2_to_base"]["mean"] >= 3 * mc["poison_stats"]["l2_to_base"]["mean"]
+        assert mf["poison_stats"]["fraction_outside_clean_range"] > 0.1
+        # constrained poisons stay inside the clean data range
+        lo, hi = mc["poison_stats"]["clean_range"]
+        assert con.poisons.x.min() >= lo and con.poisons.x.max() <= hi
+        assert mc["poison_stats"]["fraction_outside_clean_range"] == 0.0
 
 
 def test_tgda_input_constrained_stays_in_range(simclr_digits, digits, cache):
