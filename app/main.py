@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import problems
-from app.limits import UploadLimitMiddleware
+from app.limits import BodyLimitMiddleware
 from app.routers import attacks, audits, datasets, encoders, health, jobs
 from app.settings import get_settings
 
@@ -54,9 +54,9 @@ def create_app() -> FastAPI:
     for r in (jobs.router, audits.router, encoders.router, datasets.router, attacks.router, health.router):
         app.include_router(r)
 
-    def limits():
+    def uploads():
         s = get_settings()
         return {"/v1/encoders": s.max_encoder_bytes, "/v1/datasets": s.max_dataset_bytes}
 
-    app.add_middleware(UploadLimitMiddleware, limits=limits)
+    app.add_middleware(BodyLimitMiddleware, uploads=uploads, json_limit=lambda: get_settings().max_json_bytes)
     return app

@@ -67,10 +67,14 @@ def authenticate(session: Session, key: str) -> Team | None:
     return team if key_matches(key, api_key.key_hash, api_key.revoked_at) else None
 
 
+def unauthorized() -> Problem:
+    return Problem(401, "a valid API key is required (Authorization: Bearer <key> or X-API-Key)",
+                   headers={"WWW-Authenticate": "Bearer"})
+
+
 def require_team(session: Session, key: str | None) -> Team:
     """The team of the presented key, or a 401 problem."""
     team = authenticate(session, key) if key else None
     if team is None:
-        raise Problem(401, "a valid API key is required (Authorization: Bearer <key> or X-API-Key)",
-                      headers={"WWW-Authenticate": "Bearer"})
+        raise unauthorized()
     return team

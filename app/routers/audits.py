@@ -10,11 +10,11 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
 
 from app import audits as service
-from app.deps import AuditDep, QueueDep, SessionDep, SettingsDep, TeamDep
+from app.deps import AuditDep, KeyFirstRoute, QueueDep, SessionDep, SettingsDep, TeamDep
 from app.problems import problem_responses
 from app.schemas import AuditCreate, AuditPublic, AuditsPublic
 
-router = APIRouter(prefix="/v1/audits", tags=["audits"], responses=problem_responses(401, 404, 409, 422, 503))
+router = APIRouter(prefix="/v1/audits", tags=["audits"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 409, 422, 503))
 
 
 @router.post("", status_code=202, response_model=AuditPublic)

@@ -11,13 +11,13 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
 from app import datasets as service
-from app.deps import DatasetRefDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from app.deps import DatasetRefDep, KeyFirstRoute, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.models import Dataset
 from app.problems import Problem, invalid, problem_responses
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.storage import dataset_key
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(401, 404, 413, 422, 503))
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 413, 422, 503))
 
 
 def dataset_public(r: service.ResolvedDataset) -> DatasetPublic:

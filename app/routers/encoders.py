@@ -21,14 +21,14 @@ from attacks.catalogue import ARCHITECTURES
 from app import jobs as job_service
 from app.checkpoints import CheckpointError, inspect_checkpoint
 from app.db import new_session, utcnow
-from app.deps import EncoderDep, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from app.deps import EncoderDep, KeyFirstRoute, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.models import Encoder, EncoderStatus, Job, JobKind, JobStatus
 from app.problems import Problem, invalid, problem_responses, unavailable, validation_problem
 from app.queue import queue_for_device
 from app.schemas import EncoderCreated, EncoderPublic, EncodersPublic, PretrainCreate
 from app.storage import encoder_key
 
-router = APIRouter(prefix="/v1/encoders", tags=["encoders"], responses=problem_responses(401, 404, 409, 413, 415, 422, 503))
+router = APIRouter(prefix="/v1/encoders", tags=["encoders"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 409, 413, 415, 422, 503))
 
 _UPLOAD_SCHEMA = {
     "type": "object",

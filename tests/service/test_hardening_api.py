@@ -155,3 +155,169 @@ def test_deeply_nested_safetensors_header_is_refused(tmp_path):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
     with pytest.raises(CheckpointError, match="JSON"):
         inspect_checkpoint(path)
+
+
+# ------------------------------------------------------------------ auth before the body, JSON cap (item 3)
+def _asgi(app, method: str, path: str, headers: dict[str, str] | None = None, chunks=(), length: bool = False):
+    """Calls the ASGI app directly with a body sent in ``chunks`` (chunked unless ``length``), and
+    returns (status, response body, how many chunks the app pulled)."""
+    import anyio
+
+    chunks = list(chunks)
+    hdrs = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if length:
+        hdrs.append((b"content-length", str(sum(len(c) for c in chunks)).encode()))
+    pulled = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal pulled
+        if pulled < len(chunks):
+            pulled += 1
+            return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
+        if not chunks and pulled == 0:
+            pulled = -1  # an empty body, delivered once (not counted)
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": hdrs, "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    anyio.run(app, scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], body, max(pulled, 0)
+
+
+def _multipart(field: str, filename: str, data: bytes, boundary: str = "xYzZy") -> tuple[dict[str, str], bytes]:
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return {"content-type": f"multipart/form-data; boundary={boundary}"}, body
+
+
+MiB = 2**20
+
+
+def test_anonymous_bodies_are_refused_unread(api, team_a, ready_encoder):
+    """No key, a wrong key or a revoked one: 401 before the app pulls one chunk of a 50 MB body."""
+    json_h = {"content-type": "application/json"}
+    big = [b" " * MiB] * 50
+    for auth in ({}, {"authorization": "Bearer pa_000000000000_wrong"}, {"x-api-key": "nope"}):
+        for path in ("/v1/jobs", "/v1/audits", "/v1/encoders"):
+            status, body, pulled = _asgi(api, "POST", path, {**json_h, **auth}, big)
+            assert (status, pulled) == (401, 0), (path, auth, body[:200])
+            assert json.loads(body)["status"] == 401
+        mp_h, mp = _multipart("file", "d.npz", b"\0" * (4 * MiB))
+        status, _, pulled = _asgi(api, "POST", "/v1/datasets", {**mp_h, **auth}, [mp[i:i + MiB] for i in range(0, len(mp), MiB)])
+        assert (status, pulled) == (401, 0)
+    # the same request with the team's key is read and accepted
+    _, h = team_a
+    body = json.dumps(_job_body(ready_encoder.id)).encode()
+    status, out, pulled = _asgi(api, "POST", "/v1/jobs", {**json_h, "authorization": h["Authorization"]}, [body])
+    assert status == 202 and pulled == 1, out[:300]
+
+
+def test_revoked_key_is_refused_before_the_body(api, session, team_a):
+    from datetime import datetime, timezone
+
+    from sqlalchemy import select
+
+    from app.models import ApiKey
+
+    team, h = team_a
+    session.scalar(select(ApiKey).where(ApiKey.team_id == team.id)).revoked_at = datetime.now(timezone.utc)
+    session.commit()
+    status, _, pulled = _asgi(api, "POST", "/v1/jobs", {"content-type": "application/json", "authorization": h["Authorization"]},
+                              [b"{}"] * 3)
+    assert (status, pulled) == (401, 0)
+
+
+def test_anonymous_callers_still_get_404_405_and_public_routes(client):
+    _problem(client.post("/v1/nothing-here", json={"a": 1}), 404)
+    _problem(client.post("/v1/jobs/00000000-0000-0000-0000-000000000000/nothing", json={}), 404)
+    _problem(client.put("/v1/jobs", json={}), 405)
+    _problem(client.post("/v1/attacks", json={}), 405)
+    assert client.get("/v1/attacks").status_code == 200 and client.get("/healthz").status_code == 200
+    p = _problem(client.post("/v1/jobs", json={}), 401)
+    assert "API key" in p["detail"]
+    assert client.post("/v1/jobs", json={}).headers["www-authenticate"] == "Bearer"
+
+
+def test_json_bodies_are_capped(api, client, configure, team_a, ready_encoder, tiny_encoder_dir):
+    """POISONAUDIT_MAX_JSON_BYTES: 413 beyond it, by Content-Length and while streaming; uploads keep their own limits."""
+    configure(max_json_bytes=2000, encoder_check_wait_s=0)
+    _, h = team_a
+    auth = {"content-type": "application/json", "authorization": h["Authorization"]}
+    padded = json.dumps(_job_body(ready_encoder.id, name="x" * 3000)).encode()
+    for length in (True, False):
+        status, body, pulled = _asgi(api, "POST", "/v1/jobs", auth, [padded[i:i + 500] for i in range(0, len(padded), 500)], length)
+        assert status == 413, body[:300]
+        assert json.loads(body)["status"] == 413 and "2000" in json.loads(body)["detail"]
+        assert pulled == (0 if length else 5)  # refused at its Content-Length, or at the chunk that crosses the cap
+    pretrain = {"name": "p" * 3000, "architecture": "small_cnn", "dataset": "digits"}
+    _problem(client.post("/v1/encoders", json=pretrain, headers=h), 413)
+    _problem(client.post("/v1/audits", content=b"[" + b" " * 3000 + b"]", headers={**h, "content-type": "application/json"}), 413)
+    # under the cap: read as before
+    assert client.post("/v1/jobs", json=_job_body(ready_encoder.id), headers=h).status_code == 202
+    # a checkpoint upload far over the JSON cap is under its own limit
+    with open(tiny_encoder_dir / "encoder.safetensors", "rb") as f:
+        assert f.seek(0, 2) > 2000
+        f.seek(0)
+        r = client.post("/v1/encoders", data={"architecture": "small_cnn", "spec": json.dumps({"in_channels": 1, "width": 8})},
+                        files={"file": ("e.safetensors", f)}, headers=h)
+    assert r.status_code == 202, r.text
+
+
+def test_json_cap_default_is_one_mebibyte(configure):
+    assert configure().max_json_bytes == MiB
+
+
+def test_database_down_when_authenticating_first_is_503(configure, queue, store):
+    from app.db import dispose_engines
+    from app.main import create_app
+    from app.queue import get_queue
+    from app.storage import get_store
+
+    configure(database_url="postgresql+psycopg://nobody@127.0.0.1:1/none")
+    app = create_app()
+    app.dependency_overrides[get_queue] = lambda: queue
+    app.dependency_overrides[get_store] = lambda: store
+    try:
+        status, body, pulled = _asgi(app, "POST", "/v1/jobs", {"content-type": "application/json",
+                                                                "authorization": "Bearer pa_000000000000_x"}, [b"{}"])
+        assert (status, pulled) == (503, 0) and "retry" in json.loads(body)["detail"]
+    finally:
+        dispose_engines()
+
+
+# ------------------------------------------------------------------ status codes (item 8)
+def test_chunked_upload_over_the_limit_is_413(api, configure, team_a):
+    """A chunked dataset upload (no Content-Length) over the limit was a 400 (FastAPI's 'error parsing the body')."""
+    configure(max_dataset_bytes=1000, max_encoder_bytes=1000)
+    _, h = team_a
+    mp_h, mp = _multipart("file", "big.npz", b"\0" * (3 * MiB))
+    chunks = [mp[i:i + 256 * 1024] for i in range(0, len(mp), 256 * 1024)]
+    for path in ("/v1/datasets", "/v1/encoders"):
+        status, body, pulled = _asgi(api, "POST", path, {**mp_h, "authorization": h["Authorization"]}, chunks)
+        assert status == 413, (path, body[:300])
+        p = json.loads(body)
+        assert p["status"] == 413 and "1000" in p["detail"]
+        assert pulled < len(chunks)  # refused while streaming, not after
+
+
+def test_every_route_that_needs_a_key_checks_it_before_the_body():
+    from fastapi.routing import APIRoute
+
+    from app.deps import KeyFirstRoute, needs_key
+    from app.routers import attacks, audits, datasets, encoders, health, jobs
+
+    keyed = 0
+    for module in (attacks, audits, datasets, encoders, health, jobs):
+        for route in module.router.routes:
+            if isinstance(route, APIRoute) and needs_key(route):
+                keyed += 1
+                assert isinstance(route, KeyFirstRoute), (module.__name__, route.path)
+    assert keyed >= 15
