@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from app import problems
 from app.limits import BodyLimitMiddleware
-from app.routers import attacks, audits, datasets, encoders, health, jobs
+from app.routers import attacks, audits, datasets, encoders, health, jobs, keys
 from app.settings import get_settings
 
 log = logging.getLogger("app")
@@ -51,7 +51,7 @@ def create_app() -> FastAPI:
         generate_unique_id_function=lambda route: route.name,
     )
     problems.install(app)
-    for r in (jobs.router, audits.router, encoders.router, datasets.router, attacks.router, health.router):
+    for r in (jobs.router, audits.router, encoders.router, datasets.router, keys.router, attacks.router, health.router):
         app.include_router(r)
 
     def uploads():

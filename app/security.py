@@ -10,6 +10,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db import utcnow
 from app.models import ApiKey, Team
 from app.problems import Problem
 
@@ -45,6 +46,19 @@ def create_key(session: Session, team: Team, name: str = "") -> str:
     key, prefix = generate_key()
     session.add(ApiKey(team_id=team.id, name=name, prefix=prefix, key_hash=hash_key(key)))
     session.flush()
+    return key
+
+
+def revoke_key(session: Session, prefix: str, team_id=None) -> ApiKey | None:
+    """Revokes the key with ``prefix`` (of ``team_id`` when given); None if there is none. Revoking
+    a revoked key keeps its first revocation time. The caller commits."""
+    query = select(ApiKey).where(ApiKey.prefix == prefix)
+    if team_id is not None:
+        query = query.where(ApiKey.team_id == team_id)
+    key = session.scalar(query)
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
     return key
 
 

@@ -17,7 +17,8 @@ from app.schemas import AuditCreate, AuditPublic, AuditsPublic
 router = APIRouter(prefix="/v1/audits", tags=["audits"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 409, 422, 503))
 
 
-@router.post("", status_code=202, response_model=AuditPublic)
+@router.post("", status_code=202, response_model=AuditPublic,
+             responses=problem_responses(descriptions={413: "The JSON body is over POISONAUDIT_MAX_JSON_BYTES (1 MiB by default)"}))
 def create_audit(body: AuditCreate, response: Response, session: SessionDep, team: TeamDep, queue: QueueDep,
                  settings: SettingsDep,
                  idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> AuditPublic:

@@ -31,7 +31,11 @@ def _uploaded(row: Dataset) -> service.ResolvedDataset:
     return service.ResolvedDataset(str(row.id), "upload", "npz", row.name, row=row)
 
 
-@router.post("", status_code=201, response_model=DatasetPublic, responses={413: {"description": "Upload too large"}})
+@router.post("", status_code=201, response_model=DatasetPublic, responses=problem_responses(descriptions={
+    400: "A multipart body that cannot be parsed",
+    413: "The upload is over POISONAUDIT_MAX_DATASET_BYTES (by Content-Length, or while it streams in)",
+    422: "Not a dataset the service accepts, with the reason (named field)",
+}))
 def create_dataset(
     file: Annotated[UploadFile, File(description="An .npz with x, y[, x_test, y_test, classes]")],
     response: Response, session: SessionDep, team: TeamDep, store: StoreDep, settings: SettingsDep,

@@ -25,7 +25,8 @@ POISONED_SET = "poisoned_set.npz"
 FIGURE_MAX_BYTES = 16 << 20
 
 
-@router.post("", status_code=202, response_model=JobPublic)
+@router.post("", status_code=202, response_model=JobPublic,
+             responses=problem_responses(descriptions={413: "The JSON body is over POISONAUDIT_MAX_JSON_BYTES (1 MiB by default)"}))
 def create_job(
     body: JobCreate, response: Response, session: SessionDep, team: TeamDep, queue: QueueDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,

@@ -312,12 +312,95 @@ def test_every_route_that_needs_a_key_checks_it_before_the_body():
     from fastapi.routing import APIRoute
 
     from app.deps import KeyFirstRoute, needs_key
-    from app.routers import attacks, audits, datasets, encoders, health, jobs
+    from app.routers import attacks, audits, datasets, encoders, health, jobs, keys
 
     keyed = 0
-    for module in (attacks, audits, datasets, encoders, health, jobs):
+    for module in (attacks, audits, datasets, encoders, health, jobs, keys):
         for route in module.router.routes:
             if isinstance(route, APIRoute) and needs_key(route):
                 keyed += 1
                 assert isinstance(route, KeyFirstRoute), (module.__name__, route.path)
-    assert keyed >= 15
+    assert keyed >= 17
+
+
+# ------------------------------------------------------------------ key revocation (item 8)
+def _prefix(headers: dict[str, str]) -> str:
+    from app.security import parse_prefix
+
+    return parse_prefix(headers["Authorization"].split()[1])
+
+
+def test_a_team_lists_and_revokes_its_own_keys(client, session, team_a, team_b):
+    from app.security import create_key
+
+    team, h = team_a
+    _, hb = team_b
+    listed = client.get("/v1/keys", headers=h)
+    assert listed.status_code == 200 and listed.json()["count"] == 1
+    assert listed.json()["data"][0]["prefix"] == _prefix(h) and listed.json()["data"][0]["revoked_at"] is None
+    secret = h["Authorization"].split()[1]
+    assert secret not in listed.text and "hash" not in listed.text
+    # another team's key does not exist for team B, and stays live
+    _problem(client.delete(f"/v1/keys/{_prefix(h)}", headers=hb), 404)
+    _problem(client.delete("/v1/keys/000000000000", headers=h), 404)
+    assert client.get("/v1/jobs", headers=h).status_code == 200
+    # a second key of team A, revoked by the first: refused at once, listed as revoked
+    second = create_key(session, team, "ci")
+    session.commit()
+    h2 = {"Authorization": f"Bearer {second}"}
+    assert client.get("/v1/jobs", headers=h2).status_code == 200
+    r = client.delete(f"/v1/keys/{_prefix(h2)}", headers=h)
+    assert r.status_code == 204 and r.content == b""
+    _problem(client.get("/v1/jobs", headers=h2), 401)
+    _problem(client.post("/v1/jobs", json={}, headers=h2), 401)
+    keys = {k["prefix"]: k for k in client.get("/v1/keys", headers=h).json()["data"]}
+    assert keys[_prefix(h2)]["revoked_at"] is not None and keys[_prefix(h2)]["name"] == "ci"
+    first_revoked = keys[_prefix(h2)]["revoked_at"]
+    assert client.delete(f"/v1/keys/{_prefix(h2)}", headers=h).status_code == 204  # twice: harmless, same time
+    assert {k["prefix"]: k for k in client.get("/v1/keys", headers=h).json()["data"]}[_prefix(h2)]["revoked_at"] == first_revoked
+    # a key may revoke itself
+    assert client.delete(f"/v1/keys/{_prefix(h)}", headers=h).status_code == 204
+    _problem(client.get("/v1/keys", headers=h), 401)
+    _problem(client.get("/v1/keys"), 401)
+
+
+def test_cli_revoke_key(configure, capsys):
+    from app.cli import main
+    from app.db import dispose_engines, new_session
+    from app.security import authenticate, parse_prefix
+
+    configure()
+    try:
+        assert main(["create-team", "ops", "--with-key"]) == 0
+        key = capsys.readouterr().out.split("shown once): ")[1].strip()
+        assert main(["create-team", "other"]) == 0
+        prefix = parse_prefix(key)
+        with new_session() as s:
+            assert authenticate(s, key) is not None
+        assert main(["revoke-key", prefix, "--team", "other"]) == 2  # not that team's key
+        assert "no API key" in capsys.readouterr().err
+        assert main(["revoke-key", "000000000000"]) == 2
+        with new_session() as s:
+            assert authenticate(s, key) is not None
+        assert main(["revoke-key", prefix, "--team", "ops"]) == 0
+        assert capsys.readouterr().out.strip() == f"revoked key {prefix} of team ops"
+        with new_session() as s:
+            assert authenticate(s, key) is None
+        assert main(["revoke-key", key]) == 0  # the whole key works too; revoking again is harmless
+    finally:
+        dispose_engines()
+
+
+# ------------------------------------------------------------------ OpenAPI (item 8)
+def test_openapi_declares_the_error_responses(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    expected = {("/v1/jobs", "post"): {401, 413, 422}, ("/v1/audits", "post"): {401, 413, 422},
+                ("/v1/encoders", "post"): {400, 401, 413, 415, 422}, ("/v1/datasets", "post"): {400, 401, 413, 422},
+                ("/v1/keys", "get"): {401}, ("/v1/keys/{prefix}", "delete"): {401, 404}}
+    for (path, method), codes in expected.items():
+        responses = paths[path][method]["responses"]
+        for code in codes:
+            entry = responses[str(code)]
+            assert "application/problem+json" in entry["content"], (path, method, code)
+            assert entry["content"]["application/problem+json"]["schema"]["$ref"].endswith("/ProblemDetail")
+    assert "POISONAUDIT_MAX_JSON_BYTES" in paths["/v1/jobs"]["post"]["responses"]["413"]["description"]
