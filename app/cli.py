@@ -1,4 +1,4 @@
-"""The service's commands: ``serve``, ``create-team``, ``create-key``, ``migrate``, and the client's
+"""The service's commands: ``serve``, ``create-team``, ``create-key``, ``revoke-key``, ``migrate``, and the client's
 (``submit``, ``status``, ``wait``, ``download``, ``audit``; see :mod:`app.client_cli`).
 
 Registered on the ``poisonaudit`` console script by :func:`add_subcommands`, and
@@ -82,6 +82,34 @@ def cmd_create_key(args) -> int:
     return 0
 
 
+def cmd_revoke_key(args) -> int:
+    _apply_data_dir(args)
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.models import Team
+    from app.security import parse_prefix, revoke_key
+
+    _migrate_if_configured()
+    prefix = parse_prefix(args.prefix) or args.prefix  # a whole key works too
+    with session_scope() as s:
+        team_id = None
+        if args.team:
+            team = s.scalar(select(Team).where(Team.name == args.team))
+            if team is None:
+                print(f"poisonaudit: error: no team {args.team!r}", file=sys.stderr)
+                return 2
+            team_id = team.id
+        key = revoke_key(s, prefix, team_id)
+        if key is None:
+            print(f"poisonaudit: error: no API key with prefix {prefix!r}" + (f" in team {args.team!r}" if args.team else ""),
+                  file=sys.stderr)
+            return 2
+        team_name = s.get(Team, key.team_id).name
+    print(f"revoked key {prefix} of team {team_name}")
+    return 0
+
+
 def _migrate_if_configured() -> None:
     from app.settings import get_settings
 
@@ -118,6 +146,12 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--team", required=True)
     p.add_argument("--name", help="a label for the key")
     p.set_defaults(func=cmd_create_key)
+
+    p = subparsers.add_parser("revoke-key", help="revoke an API key at once (by its prefix, pa_<prefix>_..., or the whole key)")
+    data_dir(p)
+    p.add_argument("prefix")
+    p.add_argument("--team", help="only if the key belongs to this team")
+    p.set_defaults(func=cmd_revoke_key)
 
     p = subparsers.add_parser("migrate", help="upgrade the database schema to the latest revision")
     data_dir(p)

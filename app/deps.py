@@ -3,11 +3,15 @@ resource checks ownership and answers 404 itself, so routes never repeat it."""
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from typing import Annotated
 
-from fastapi import Depends, Path, Security
+from fastapi import Depends, Path, Request, Response, Security
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,7 +20,7 @@ from app.datasets import DatasetRefError, ResolvedDataset, resolve
 from app.models import Audit, Encoder, Job, Team
 from app.problems import not_found
 from app.queue import JobQueue, get_queue
-from app.security import require_team
+from app.security import authenticate, require_team, unauthorized
 from app.settings import Settings, get_settings
 from app.storage import ObjectStore, get_store
 
@@ -45,6 +49,67 @@ def get_team(session: SessionDep, key: KeyDep) -> Team:
 
 
 TeamDep = Annotated[Team, Depends(get_team)]
+
+
+# ------------------------------------------------------------------ the key before the body
+_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def needs_key(route: APIRoute) -> bool:
+    """Whether the route depends, at any depth, on the presented API key."""
+    stack = [route.dependant]
+    while stack:
+        d = stack.pop()
+        if d.call is presented_key:
+            return True
+        stack.extend(d.dependencies)
+    return False
+
+
+def key_of(request: Request) -> str | None:
+    """The key as :func:`presented_key` reads it: ``X-API-Key``, else ``Authorization: Bearer``."""
+    if key := request.headers.get("x-api-key"):
+        return key
+    scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+    return credentials if scheme.lower() == "bearer" and credentials else None
+
+
+async def _key_is_valid(request: Request, key: str) -> bool:
+    """Checks the key in a session from ``get_session`` (or what the app overrides it with)."""
+    overrides = getattr(request.scope.get("app"), "dependency_overrides", {})
+    made = overrides.get(get_session, get_session)()
+    if inspect.isasyncgen(made):
+        try:
+            return await run_in_threadpool(authenticate, await made.__anext__(), key) is not None
+        finally:
+            await made.aclose()
+    if inspect.isgenerator(made):
+        try:
+            return await run_in_threadpool(authenticate, next(made), key) is not None
+        finally:
+            made.close()
+    return await run_in_threadpool(authenticate, made, key) is not None
+
+
+class KeyFirstRoute(APIRoute):
+    """A route that needs a key checks it before its body is read: FastAPI reads and parses a body
+    before it solves dependencies, so without this an anonymous 50 MB JSON body was parsed (and a
+    multipart upload spooled) before its 401. Routing is FastAPI's own (unknown paths 404, wrong
+    methods 405, whoever asks); the ``TeamDep`` dependency still resolves the team afterwards."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        if not needs_key(self):
+            return handler
+
+        async def key_first(request: Request) -> Response:
+            if request.method not in _BODYLESS:
+                key = key_of(request)
+                if key is None or not await _key_is_valid(request, key):
+                    raise unauthorized()
+            return await handler(request)
+
+        return key_first
 
 
 def get_job(job_id: Annotated[uuid.UUID, Path()], session: SessionDep, team: TeamDep) -> Job:

@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import problems
-from app.limits import UploadLimitMiddleware
-from app.routers import attacks, audits, datasets, encoders, health, jobs
+from app.limits import BodyLimitMiddleware
+from app.routers import attacks, audits, datasets, encoders, health, jobs, keys
 from app.settings import get_settings
 
 log = logging.getLogger("app")
@@ -51,12 +51,12 @@ def create_app() -> FastAPI:
         generate_unique_id_function=lambda route: route.name,
     )
     problems.install(app)
-    for r in (jobs.router, audits.router, encoders.router, datasets.router, attacks.router, health.router):
+    for r in (jobs.router, audits.router, encoders.router, datasets.router, keys.router, attacks.router, health.router):
         app.include_router(r)
 
-    def limits():
+    def uploads():
         s = get_settings()
         return {"/v1/encoders": s.max_encoder_bytes, "/v1/datasets": s.max_dataset_bytes}
 
-    app.add_middleware(UploadLimitMiddleware, limits=limits)
+    app.add_middleware(BodyLimitMiddleware, uploads=uploads, json_limit=lambda: get_settings().max_json_bytes)
     return app

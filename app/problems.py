@@ -21,6 +21,7 @@ _TITLES = {
     405: "Method Not Allowed",
     409: "Conflict",
     413: "Content Too Large",
+    415: "Unsupported Media Type",
     422: "Unprocessable Content",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -48,13 +49,16 @@ class Problem(Exception):
         return out
 
 
-def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for routes: the problem-details schema under its media type."""
+def problem_responses(*codes: int, descriptions: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for routes: the problem-details schema under its media type. A route's
+    entry replaces its router's whole entry for that code, so routes declare theirs with this too
+    (``descriptions`` says when and why, in place of the bare title)."""
     from app.schemas import ProblemDetail
 
-    return {c: {"model": ProblemDetail, "description": _TITLES.get(c, "Error"),
+    descriptions = descriptions or {}
+    return {c: {"model": ProblemDetail, "description": descriptions.get(c, _TITLES.get(c, "Error")),
                 "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}}}
-            for c in codes}
+            for c in (*codes, *(d for d in descriptions if d not in codes))}
 
 
 def not_found(what: str, ident: Any) -> Problem:

@@ -344,3 +344,17 @@ class AuditsPublic(BaseModel):
     data: list[AuditSummary]
     count: int
     next_cursor: str | None
+
+
+class ApiKeyPublic(BaseModel):
+    """One of your team's API keys: its lookup prefix and label, never the secret or its hash."""
+
+    prefix: str = Field(description="The 12 hex characters after `pa_` in the key; DELETE /v1/keys/{prefix} revokes it.")
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeysPublic(BaseModel):
+    data: list[ApiKeyPublic]
+    count: int

@@ -10,6 +10,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db import utcnow
 from app.models import ApiKey, Team
 from app.problems import Problem
 
@@ -48,6 +49,19 @@ def create_key(session: Session, team: Team, name: str = "") -> str:
     return key
 
 
+def revoke_key(session: Session, prefix: str, team_id=None) -> ApiKey | None:
+    """Revokes the key with ``prefix`` (of ``team_id`` when given); None if there is none. Revoking
+    a revoked key keeps its first revocation time. The caller commits."""
+    query = select(ApiKey).where(ApiKey.prefix == prefix)
+    if team_id is not None:
+        query = query.where(ApiKey.team_id == team_id)
+    key = session.scalar(query)
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
+
+
 def key_matches(key: str, key_hash: str, revoked_at) -> bool:
     """Whether ``key`` is the live key stored as ``key_hash`` (constant-time comparison)."""
     return revoked_at is None and hmac.compare_digest(key_hash, hash_key(key))
@@ -67,10 +81,14 @@ def authenticate(session: Session, key: str) -> Team | None:
     return team if key_matches(key, api_key.key_hash, api_key.revoked_at) else None
 
 
+def unauthorized() -> Problem:
+    return Problem(401, "a valid API key is required (Authorization: Bearer <key> or X-API-Key)",
+                   headers={"WWW-Authenticate": "Bearer"})
+
+
 def require_team(session: Session, key: str | None) -> Team:
     """The team of the presented key, or a 401 problem."""
     team = authenticate(session, key) if key else None
     if team is None:
-        raise Problem(401, "a valid API key is required (Authorization: Bearer <key> or X-API-Key)",
-                      headers={"WWW-Authenticate": "Bearer"})
+        raise unauthorized()
     return team

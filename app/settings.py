@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     # Upload limits (HTTP 413 beyond them).
     max_encoder_bytes: int = Field(512 * 2**20, ge=1)
     max_dataset_bytes: int = Field(1024 * 2**20, ge=1)
+    max_json_bytes: int = Field(2**20, ge=1, description="Largest request body other than an upload (JSON requests).")
 
     # Uploaded dataset contents (checked at upload, streaming, and again by the worker's loader; 422 beyond).
     max_dataset_decompressed_bytes: int = Field(2**30, ge=1, description="Most bytes an npz's members hold decompressed.")

@@ -10,14 +10,15 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
 
 from app import audits as service
-from app.deps import AuditDep, QueueDep, SessionDep, SettingsDep, TeamDep
+from app.deps import AuditDep, KeyFirstRoute, QueueDep, SessionDep, SettingsDep, TeamDep
 from app.problems import problem_responses
 from app.schemas import AuditCreate, AuditPublic, AuditsPublic
 
-router = APIRouter(prefix="/v1/audits", tags=["audits"], responses=problem_responses(401, 404, 409, 422, 503))
+router = APIRouter(prefix="/v1/audits", tags=["audits"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 409, 422, 503))
 
 
-@router.post("", status_code=202, response_model=AuditPublic)
+@router.post("", status_code=202, response_model=AuditPublic,
+             responses=problem_responses(descriptions={413: "The JSON body is over POISONAUDIT_MAX_JSON_BYTES (1 MiB by default)"}))
 def create_audit(body: AuditCreate, response: Response, session: SessionDep, team: TeamDep, queue: QueueDep,
                  settings: SettingsDep,
                  idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> AuditPublic:

@@ -11,13 +11,13 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
 from app import datasets as service
-from app.deps import DatasetRefDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from app.deps import DatasetRefDep, KeyFirstRoute, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.models import Dataset
 from app.problems import Problem, invalid, problem_responses
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.storage import dataset_key
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses(401, 404, 413, 422, 503))
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 413, 422, 503))
 
 
 def dataset_public(r: service.ResolvedDataset) -> DatasetPublic:
@@ -31,7 +31,11 @@ def _uploaded(row: Dataset) -> service.ResolvedDataset:
     return service.ResolvedDataset(str(row.id), "upload", "npz", row.name, row=row)
 
 
-@router.post("", status_code=201, response_model=DatasetPublic, responses={413: {"description": "Upload too large"}})
+@router.post("", status_code=201, response_model=DatasetPublic, responses=problem_responses(descriptions={
+    400: "A multipart body that cannot be parsed",
+    413: "The upload is over POISONAUDIT_MAX_DATASET_BYTES (by Content-Length, or while it streams in)",
+    422: "Not a dataset the service accepts, with the reason (named field)",
+}))
 def create_dataset(
     file: Annotated[UploadFile, File(description="An .npz with x, y[, x_test, y_test, classes]")],
     response: Response, session: SessionDep, team: TeamDep, store: StoreDep, settings: SettingsDep,

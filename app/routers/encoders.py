@@ -21,14 +21,14 @@ from attacks.catalogue import ARCHITECTURES
 from app import jobs as job_service
 from app.checkpoints import CheckpointError, inspect_checkpoint
 from app.db import new_session, utcnow
-from app.deps import EncoderDep, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from app.deps import EncoderDep, KeyFirstRoute, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.models import Encoder, EncoderStatus, Job, JobKind, JobStatus
 from app.problems import Problem, invalid, problem_responses, unavailable, validation_problem
 from app.queue import queue_for_device
 from app.schemas import EncoderCreated, EncoderPublic, EncodersPublic, PretrainCreate
 from app.storage import encoder_key
 
-router = APIRouter(prefix="/v1/encoders", tags=["encoders"], responses=problem_responses(401, 404, 409, 413, 415, 422, 503))
+router = APIRouter(prefix="/v1/encoders", tags=["encoders"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 409, 413, 415, 422, 503))
 
 _UPLOAD_SCHEMA = {
     "type": "object",
@@ -81,8 +81,12 @@ def _validate(model: type, data: dict, prefix: str) -> None:
 
 @router.post(
     "", status_code=202, response_model=EncoderCreated,
-    responses={201: {"model": EncoderCreated, "description": "Uploaded and checked"},
-               413: {"description": "Upload too large"}, 422: {"description": "Refused, with the reason"}},
+    responses={201: {"model": EncoderCreated, "description": "Uploaded and checked"}, **problem_responses(descriptions={
+        400: "A multipart body that cannot be parsed: more than one file, more than 8 fields, a field over 1 MiB",
+        413: "A checkpoint over POISONAUDIT_MAX_ENCODER_BYTES, or a JSON body over POISONAUDIT_MAX_JSON_BYTES",
+        415: "Neither multipart/form-data (checkpoint upload) nor application/json (pre-training request)",
+        422: "Refused, with the reason (named field)",
+    })},
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": _UPLOAD_SCHEMA},
         "application/json": {"schema": PretrainCreate.model_json_schema(ref_template="#/components/schemas/{model}")},

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app import jobs as service
-from app.deps import JobDep, KeyDep, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from app.deps import JobDep, KeyDep, KeyFirstRoute, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.downloads import download
 from app.models import Artifact
 from app.problems import Problem, problem_responses
@@ -19,13 +19,14 @@ from app.report import CSP, render_job_report
 from app.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 from app.storage import ObjectNotFound
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401, 404, 409, 422, 503))
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 409, 422, 503))
 
 POISONED_SET = "poisoned_set.npz"
 FIGURE_MAX_BYTES = 16 << 20
 
 
-@router.post("", status_code=202, response_model=JobPublic)
+@router.post("", status_code=202, response_model=JobPublic,
+             responses=problem_responses(descriptions={413: "The JSON body is over POISONAUDIT_MAX_JSON_BYTES (1 MiB by default)"}))
 def create_job(
     body: JobCreate, response: Response, session: SessionDep, team: TeamDep, queue: QueueDep, settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,

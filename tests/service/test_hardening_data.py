@@ -159,7 +159,7 @@ def test_a_good_upload_records_its_contents(client, team_a, tmp_path):
 # ------------------------------------------------------------------ item 6: pre-training config and spec
 _PRETRAIN = {"name": "simclr", "architecture": "small_cnn", "dataset": "digits", "spec": {"in_channels": 1, "width": 8},
              "config": {"epochs": 1, "batch_size": 64}, "device": "cpu"}
-_JUNK = "x" * 1_500_000
+_JUNK = "x" * 900_000  # under POISONAUDIT_MAX_JSON_BYTES (1 MiB): a larger body is a 413 before validation
 
 BAD_PRETRAIN = [
     ("epochs_1e12", {"config": {"epochs": 1e12}}, "config.epochs"),
