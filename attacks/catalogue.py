@@ -384,6 +384,13 @@ class DecoderInversionParams(GCFeatureParams):
         0.84, ge=0, le=1, description="alpha in alpha * (1 - (MS-)SSIM) + (1 - alpha) * L1 (Zhao et al.: 0.84)."
     )
     decoder_width: int = Field(64, ge=4, le=1024, description="Channels of the decoder's first up-block.")
+    skip_swap: float = Field(
+        0.5, ge=0, le=1,
+        description="Fraction of each training batch whose skip maps come from another image of the batch "
+        "(the bottleneck from the image itself): the decoder must take content from the bottleneck, where zeta "
+        "is injected. 0: the paper's plain reconstruction, whose decoder rebuilt the base from its skips and "
+        "ignored zeta (no harm at the defaults on digits).",
+    )
     batch_size: int = Field(256, ge=1, le=65_536, description="Poisons decoded per batch.")
 
 

@@ -21,6 +21,11 @@ Parameters (:class:`attacks.catalogue.DecoderInversionParams`, plus GC's and Gra
     ssim_weight (0.84): alpha above (Zhao et al.).
     decoder_width (64, >= 4): channels of the deepest up-block; each shallower
         block halves it, down to min(decoder_width, 8).
+    skip_swap (0.5, in [0, 1]): the fraction of each training batch decoded from its own bottleneck
+        with the skip maps of another image of the batch [D]. Trained on reconstruction alone
+        (0), the decoder rebuilds the base image from its skips and ignores the bottleneck,
+        so the poisons are their bases and do no harm; with the swap it must take content from
+        the bottleneck, where zeta is injected.
     batch_size (256): poisons decoded per batch.
 
 Decoder [D]. The encoder's intermediate maps come from ``Encoder.forward_with_skips``,
@@ -87,7 +92,7 @@ __all__ = [
 ]
 
 # Bump when the architecture or the training recipe changes: cached decoders are then retrained.
-DECODER_VERSION = 2
+DECODER_VERSION = 3
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli, Bovik 2003
 _EVAL_IMAGES = 1000  # held-out test images used to report the reconstruction quality
 
@@ -356,6 +361,11 @@ def _train(encoder, decoder: UNetDecoder, x: Tensor, params: DecoderInversionPar
                 continue
             xb = x[idx].to(device, torch.float32)
             bott, skips = _skips(encoder, xb, amp)
+            if params.skip_swap > 0:
+                # a fraction of the batch gets its neighbour's skips: content must come from the bottleneck
+                swap = (torch.rand(xb.shape[0], generator=gen) < params.skip_swap).to(device)
+                other = torch.roll(torch.arange(xb.shape[0], device=device), 1)
+                skips = [torch.where(swap.view(-1, *([1] * (s.dim() - 1))), s[other], s) for s in skips]
             with autocast_for(device, amp):
                 rec = decoder(bott, skips)
             rec = rec.float()
@@ -394,6 +404,7 @@ def _cache_key(fingerprint: str, dataset_hash: str, params: DecoderInversionPara
         "loss": params.decoder_loss,
         "ssim_weight": params.ssim_weight,
         "width": params.decoder_width,
+        "skip_swap": params.skip_swap,
         "seed": seed,
         "precision": precision,
     }

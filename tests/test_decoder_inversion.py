@@ -177,8 +177,9 @@ def test_trained_decoder_is_cached_in_memory_and_on_disk(tiny_encoder, digits_sm
             _cache_key("g", "d", params, 0, "fp32")}
     keys |= {_cache_key("f", "d", params.model_copy(update={k: v}), 0, "fp32")
              for k, v in [("decoder_epochs", 1), ("decoder_lr", 1e-3), ("decoder_batch_size", 32),
-                          ("decoder_loss", "ssim_l1"), ("ssim_weight", 0.5), ("decoder_width", 16)]}
-    assert len(keys) == 11
+                          ("decoder_loss", "ssim_l1"), ("ssim_weight", 0.5), ("decoder_width", 16),
+                          ("skip_swap", 0.0)]}
+    assert len(keys) == 12
     one_epoch = params.model_copy(update={"decoder_epochs": 1})
     _, info4 = trained_decoder(tiny_encoder, digits_small, one_epoch, seed=0, cache_dir=tmp_path)
     assert info4["decoder_from_cache"] is False and info4["decoder_cache_key"] != info1["decoder_cache_key"]
@@ -190,6 +191,38 @@ def test_trained_decoder_is_cached_in_memory_and_on_disk(tiny_encoder, digits_sm
     assert info5["decoder_from_cache"] is False
     _, info6 = trained_decoder(tiny_encoder, digits_small, one_epoch, seed=0, cache_dir=tmp_path)
     assert info6["decoder_from_cache"] is True
+
+
+@pytest.mark.parametrize("swap", [0.0, 0.5, 1.0])
+def test_skip_swap_trains_on_another_images_skips(tiny_encoder, digits_small, swap, monkeypatch):
+    """skip_swap s: in each training batch about a fraction s of the images is decoded from its own
+    bottleneck with its neighbour's skip maps (0: every image with its own, the paper's training)."""
+    import attacks.decoder_inversion as di
+
+    last, counts = {}, {"own": 0, "other": 0}
+    real_skips, real_forward = di._skips, di.UNetDecoder.forward
+
+    def skips_spy(encoder, x, amp):
+        bott, skips = real_skips(encoder, x, amp)
+        last["skips"] = skips
+        return bott, skips
+
+    def forward_spy(self, bottleneck, skips):
+        if self.training:  # compare what the decoder gets with each image's own skip maps
+            for i in range(bottleneck.shape[0]):
+                mine = all(torch.equal(s[i], o[i]) for s, o in zip(skips, last["skips"]))
+                counts["own" if mine else "other"] += 1
+        return real_forward(self, bottleneck, skips)
+
+    monkeypatch.setattr(di, "_skips", skips_spy)
+    monkeypatch.setattr(di.UNetDecoder, "forward", forward_spy)
+    clear_memory_cache()
+    params = DecoderInversionParams(**{**TINY_DECODER, "decoder_epochs": 2, "skip_swap": swap})
+    trained_decoder(tiny_encoder, digits_small, params, seed=0)
+    total = counts["own"] + counts["other"]
+    assert total >= 2 * 290  # two epochs of the 300 training images (a leftover single image waits)
+    assert counts["other"] / total == pytest.approx(swap, abs=0.1)
+    clear_memory_cache()
 
 
 def test_second_job_reuses_the_decoder_and_reports_it(tiny_encoder, digits_small, tmp_path):
