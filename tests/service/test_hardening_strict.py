@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 
 import pytest
 from sqlalchemy import func, select
@@ -251,3 +252,19 @@ def test_lone_surrogates_in_json_strings_are_422(client, session, team_a, ready_
     p = _problem(post("/v1/jobs", _job_body(ready_encoder.id, params={"pairing": "\ud800"})), 422)
     assert _fields(p) == ["params"] and "pairing" in p["detail"], p
     assert _counts(session) == before and queue.sent == []
+
+
+def test_audits_stored_before_the_checks_still_read(client, session, team_a, ready_encoder):
+    """The response reads stored attacks back as they are: a label an older server let in is shown, not a 500."""
+    from app.models import Audit
+
+    team, h = team_a
+    r = client.post("/v1/audits", json=_audit_body(ready_encoder.id, attacks=[{"name": "gradpc"}], betas=None), headers=h)
+    assert r.status_code == 202, r.text
+    audit = session.get(Audit, uuid.UUID(r.json()["id"]))
+    audit.attacks = [{"name": "gradpc", "params": {"refit_bias": "yes"}, "label": "old\nlabel"}]
+    session.commit()
+    r = client.get(f"/v1/audits/{audit.id}", headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["attacks"][0]["label"] == "old\nlabel"
+    assert client.get("/v1/audits", headers=h).status_code == 200
