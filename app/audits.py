@@ -46,7 +46,7 @@ from app.models import FINISHED, Audit, Job, JobKind, JobStatus, Team
 from app.problems import Problem, invalid, unavailable, validation_problem
 from app.queue import JobQueue, queue_for_device
 from app.schemas import (
-    AuditAttack, AuditCell, AuditCreate, AuditJob, AuditJobCounts, AuditProgress, AuditPublic, AuditRow,
+    AuditAttackPublic, AuditCell, AuditCreate, AuditJob, AuditJobCounts, AuditProgress, AuditPublic, AuditRow,
     AuditSummary, AuditTable, AuditWorst, CellJobs, Stat,
 )
 from app.settings import Settings
@@ -99,7 +99,7 @@ def plan(body: AuditCreate, settings: Settings) -> tuple[list[dict], list[float]
             raise invalid(f"attacks.{i}.name", str(exc), valid=exc.valid) from None
         infos.append(info)
         try:
-            info.params_model(**spec.params)
+            info.params_model.model_validate(spec.params, strict=True)
         except ValidationError as exc:
             errors += [{"loc": ("attacks", i, "params", *e["loc"]), "msg": e["msg"]} for e in exc.errors()]
         key = _params_key(spec.name, spec.params)
@@ -138,7 +138,7 @@ def plan(body: AuditCreate, settings: Settings) -> tuple[list[dict], list[float]
         if not any(info.takes_beta for info in infos):
             errors.append({"loc": ("betas",), "msg": f"none of the attacks takes a beta (those that do: {', '.join(takes_beta)})"})
     try:
-        HeadRecipe(**(body.head or {}))
+        HeadRecipe.model_validate(body.head or {}, strict=True)
     except ValidationError as exc:
         errors += [{"loc": ("head", *e["loc"]), "msg": e["msg"]} for e in exc.errors()]
     if errors:
@@ -345,7 +345,7 @@ def _summary_fields(audit: Audit, jobs: list[Job]) -> dict[str, Any]:
     if jobs and all(j.status in FINISHED for j in jobs):
         finished = max((j.finished_at for j in jobs if j.finished_at is not None), default=None)
     return dict(id=audit.id, name=audit.name, status=status, encoder=audit.encoder_id, dataset=audit.dataset,
-                attacks=[AuditAttack(**a) for a in audit.attacks], epsilons=audit.epsilons, betas=audit.betas,
+                attacks=[AuditAttackPublic(**a) for a in audit.attacks], epsilons=audit.epsilons, betas=audit.betas,
                 seeds=audit.seeds, device=audit.device, head=audit.head, defences=audit.defences,
                 precision=audit.precision, cancel_requested=audit.cancel_requested,
                 created_at=audit.created_at, finished_at=finished, progress=_progress(jobs))

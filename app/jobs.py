@@ -95,11 +95,11 @@ def validate_attack_request(body: JobCreate) -> tuple[float | None, dict]:
         raise invalid("attack", str(exc), valid=exc.valid) from None
     errors: list[dict] = []
     try:
-        info.params_model(**body.params)
+        info.params_model.model_validate(body.params, strict=True)
     except ValidationError as exc:
         errors += [{**e, "loc": ("params", *e["loc"])} for e in exc.errors()]
     try:
-        opts, _ = validate_job(body.attack, body.epsilon, body.beta, {}, body.seed, body.device, body.head)
+        opts, _ = validate_job(body.attack, body.epsilon, body.beta, {}, body.seed, body.device, body.head, strict=True)
     except ValidationError as exc:
         errors = list(exc.errors()) + errors
     except ValueError as exc:  # e.g. beta given to an attack that takes none

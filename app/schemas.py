@@ -2,36 +2,81 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from attacks.catalogue import JobOptions
 
 _opts = JobOptions.model_fields
 
+# ------------------------------------------------------------------ request field types
+MAX_JSON_DEPTH = 16  # of a free-form JSON object (params, head, spec, config); the valid ones nest 2 deep
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # C0, DEL, C1, lone surrogates
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")  # what no database text (or UTF-8) can hold
+
+
+def _no_control(v: str) -> str:
+    if m := _CONTROL.search(v):
+        raise ValueError(f"must not contain control characters (U+{ord(m.group()):04X} at position {m.start()})")
+    return v
+
+
+def check_json_value(value: Any, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A decoded JSON value nested at most ``max_depth`` deep, whose strings (keys too) hold no NUL
+    and no lone surrogate; iterative, so that no depth costs a RecursionError. Raises ValueError."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, (dict, list)):
+            if len(path) >= max_depth:
+                raise ValueError(f"nested deeper than {max_depth} levels")
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, child in items:
+                if isinstance(k, str) and (m := _UNSTORABLE.search(k)):
+                    raise ValueError(f"a key holds U+{ord(m.group()):04X}, which cannot be stored")
+                stack.append((child, (*path, k)))
+        elif isinstance(node, str) and (m := _UNSTORABLE.search(node)):
+            where = ".".join(str(p)[:40] for p in path) or "value"
+            raise ValueError(f"{where} holds U+{ord(m.group()):04X}, which cannot be stored")
+    return value
+
+
+# Every string the API stores or looks up by: no NUL (Postgres text cannot hold it), no other
+# control character, no lone surrogate (not UTF-8). A 422 naming the field.
+SafeStr = Annotated[str, AfterValidator(_no_control)]
+# A free-form JSON object of a request (attack params, head recipe, encoder spec, SimCLR config):
+# bounded in depth before anything hashes, stores or validates it further.
+JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_value)]
+SAFE_STR: TypeAdapter[str] = TypeAdapter(SafeStr)
+JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(JsonObject)
+
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies. Strict: a number is not a boolean (``"epsilon": true`` is refused, not 1.0), a string
+    is not a number nor a boolean (``"seed": "7"``, ``"defences": "no"``); a JSON int still fills a float."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class JobCreate(_In):
     """An audit job. Bounds are checked by the engine's own models (``attacks.catalogue``)."""
 
-    encoder: uuid.UUID = Field(description="Id of one of your encoders (uploaded or pre-trained, status ready).")
-    dataset: str = Field(
+    encoder: uuid.UUID = Field(strict=False, description="Id of one of your encoders (uploaded or pre-trained, status ready).")
+    dataset: SafeStr = Field(
         min_length=1, max_length=200,
         description="A built-in dataset name, a server-side dataset name, or the id of one of your uploaded datasets.",
     )
-    attack: str = Field(description="An attack name from GET /v1/attacks.")
+    attack: SafeStr = Field(max_length=200, description="An attack name from GET /v1/attacks.")
     epsilon: float = Field(0.03, description=_opts["epsilon"].description + " In (0, 1].")
     beta: float | None = Field(None, description=_opts["beta"].description)
-    params: dict[str, Any] = Field(default_factory=dict, description="Attack parameters; schema in GET /v1/attacks.")
+    params: JsonObject = Field(default_factory=dict, description="Attack parameters; schema in GET /v1/attacks.")
     seed: int = Field(0, description="Seed of every random choice; in [0, 2^31 - 1].")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Routes the job to the gpu or cpu queue.")
-    head: dict[str, Any] | None = Field(None, description="Linear-head recipe (HeadRecipe); defaults apply.")
+    head: JsonObject | None = Field(None, description="Linear-head recipe (HeadRecipe); defaults apply.")
     defences: bool = Field(True, description="Also measure the defences (L_inf filter, k-NN, spectral "
                            "signatures) against the poisons, each by one more head fit; false skips them.")
     precision: Literal["fp32", "bf16"] = Field(
@@ -141,11 +186,11 @@ class EncodersPublic(BaseModel):
 class PretrainCreate(_In):
     """Pre-train an encoder with SimCLR on a dataset: a job of kind ``pretrain``."""
 
-    name: str = Field(min_length=1, max_length=200)
-    architecture: str = Field(description="An encoder architecture (small_cnn, resnet18, ...).")
-    dataset: str = Field(min_length=1, max_length=200, description="As for jobs: built-in, server-side or uploaded id.")
-    spec: dict[str, Any] = Field(default_factory=dict, description="Further EncoderSpec fields (preprocessing, input size...).")
-    config: dict[str, Any] = Field(default_factory=dict, description="SimCLRConfig fields (epochs, batch_size, ...).")
+    name: SafeStr = Field(min_length=1, max_length=200)
+    architecture: SafeStr = Field(max_length=64, description="An encoder architecture (small_cnn, resnet18, ...).")
+    dataset: SafeStr = Field(min_length=1, max_length=200, description="As for jobs: built-in, server-side or uploaded id.")
+    spec: JsonObject = Field(default_factory=dict, description="Further EncoderSpec fields (preprocessing, input size...).")
+    config: JsonObject = Field(default_factory=dict, description="SimCLRConfig fields (epochs, batch_size, ...).")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -199,19 +244,27 @@ JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 class AuditAttack(_In):
     """One attack of an audit, with its parameters (the same for every beta, epsilon and seed)."""
 
-    name: str = Field(description="An attack name from GET /v1/attacks.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Attack parameters; schema in GET /v1/attacks.")
-    label: str | None = Field(None, min_length=1, max_length=100,
-                              description="Row label in the table (default: the name); needed to tell apart two "
-                                          "entries of the same attack with different parameters.")
+    name: SafeStr = Field(max_length=200, description="An attack name from GET /v1/attacks.")
+    params: JsonObject = Field(default_factory=dict, description="Attack parameters; schema in GET /v1/attacks.")
+    label: SafeStr | None = Field(None, min_length=1, max_length=100,
+                                  description="Row label in the table (default: the name); needed to tell apart two "
+                                              "entries of the same attack with different parameters.")
+
+
+class AuditAttackPublic(BaseModel):
+    """An attack of an audit as stored (read back as it is: the request's checks are AuditAttack's)."""
+
+    name: str
+    params: dict[str, Any] = {}
+    label: str | None = None
 
 
 class AuditCreate(_In):
     """An audit: one job per attack x beta x epsilon x seed on one encoder and dataset."""
 
-    name: str = Field("", max_length=200, pattern=r"^[^\x00]*$", description="Free text (no NUL).")
-    encoder: uuid.UUID = Field(description="Id of one of your encoders (status ready).")
-    dataset: str = Field(min_length=1, max_length=200, description="As for jobs: built-in, server-side or uploaded id.")
+    name: SafeStr = Field("", max_length=200, description="Free text (no control characters).")
+    encoder: uuid.UUID = Field(strict=False, description="Id of one of your encoders (status ready).")
+    dataset: SafeStr = Field(min_length=1, max_length=200, description="As for jobs: built-in, server-side or uploaded id.")
     attacks: list[AuditAttack] | None = Field(
         None, min_length=1, max_length=50,
         description="Default (omitted or null): the paper's table, every row at the catalogue's defaults: gradpc, "
@@ -229,7 +282,7 @@ class AuditCreate(_In):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=50,
                              description="Seeds; the table reports mean and std over them.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    head: dict[str, Any] | None = Field(None, description="Linear-head recipe (HeadRecipe) for every job.")
+    head: JsonObject | None = Field(None, description="Linear-head recipe (HeadRecipe) for every job.")
     defences: bool = Field(True, description="Measure the defences in every job (see JobCreate.defences).")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="For every job (see JobCreate.precision).")
 
@@ -321,7 +374,7 @@ class AuditSummary(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled", "partial"]
     encoder: uuid.UUID | None
     dataset: str
-    attacks: list[AuditAttack]
+    attacks: list[AuditAttackPublic]
     epsilons: list[float]
     betas: list[float] | None
     seeds: list[int]

@@ -554,12 +554,22 @@ def validate_job(
     seed: int = 0,
     device: str = "auto",
     head: dict[str, Any] | None = None,
+    *,
+    strict: bool = False,
 ) -> tuple[JobOptions, _Params]:
-    """Validate everything about a job; raises UnknownAttackError or pydantic.ValidationError."""
+    """Validate everything about a job; raises UnknownAttackError or pydantic.ValidationError.
+
+    ``strict``: pydantic's strict mode, for values decoded from JSON (the HTTP API): a bool is not a
+    number and a string is neither a number nor a bool (an int still fills a float). Python callers
+    keep the default coercions."""
     info = get_attack(attack)
     if beta is not None and not info.takes_beta:
         raise ValueError(f"attack {attack!r} takes no beta")
     if beta is None and info.takes_beta:
         beta = 0.25
-    opts = JobOptions(attack=attack, epsilon=epsilon, beta=beta, seed=seed, device=device, head=head or {})
-    return opts, info.params_model(**(params or {}))
+    mode = True if strict else None
+    opts = JobOptions.model_validate(
+        {"attack": attack, "epsilon": epsilon, "beta": beta, "seed": seed, "device": device, "head": head or {}},
+        strict=mode,
+    )
+    return opts, info.params_model.model_validate(params or {}, strict=mode)

@@ -14,7 +14,7 @@ from app import datasets as service
 from app.deps import DatasetRefDep, KeyFirstRoute, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.models import Dataset
 from app.problems import Problem, invalid, problem_responses
-from app.schemas import DatasetPublic, DatasetsPublic
+from app.schemas import DatasetPublic, DatasetsPublic, SafeStr
 from app.storage import dataset_key
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 413, 422, 503))
@@ -39,7 +39,7 @@ def _uploaded(row: Dataset) -> service.ResolvedDataset:
 def create_dataset(
     file: Annotated[UploadFile, File(description="An .npz with x, y[, x_test, y_test, classes]")],
     response: Response, session: SessionDep, team: TeamDep, store: StoreDep, settings: SettingsDep,
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[SafeStr | None, Form(max_length=200)] = None,
 ) -> DatasetPublic:
     """Upload a dataset as an npz archive."""
     with tempfile.TemporaryDirectory() as tmp:

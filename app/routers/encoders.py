@@ -25,7 +25,9 @@ from app.deps import EncoderDep, KeyFirstRoute, QueueDep, SessionDep, SettingsDe
 from app.models import Encoder, EncoderStatus, Job, JobKind, JobStatus
 from app.problems import Problem, invalid, problem_responses, unavailable, validation_problem
 from app.queue import queue_for_device
-from app.schemas import EncoderCreated, EncoderPublic, EncodersPublic, PretrainCreate
+from app.schemas import (
+    JSON_OBJECT, MAX_JSON_DEPTH, SAFE_STR, EncoderCreated, EncoderPublic, EncodersPublic, PretrainCreate,
+)
 from app.storage import encoder_key
 
 router = APIRouter(prefix="/v1/encoders", tags=["encoders"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 409, 413, 415, 422, 503))
@@ -55,12 +57,46 @@ def _check_architecture(arch: Any) -> str:
     return arch
 
 
+def _form_str(form, field: str) -> str:
+    value = form.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise invalid(field, "must be a text field, not a file")
+    return value
+
+
+def _form_text(form, field: str) -> str:
+    """A text field of the upload form, as a request body's ``SafeStr`` (no control characters)."""
+    try:
+        return SAFE_STR.validate_python(_form_str(form, field))
+    except ValidationError as exc:
+        raise validation_problem(list(exc.errors()), prefix=(field,)) from None
+
+
+def _form_json(form, field: str) -> dict:
+    """A JSON-object field of the upload form, bounded as a request body's ``JsonObject``: 422 naming
+    the field for bad JSON, for nesting past ``MAX_JSON_DEPTH`` (also where the parser would recurse out)."""
+    try:
+        value = json.loads(_form_str(form, field) or "{}")
+    except json.JSONDecodeError as exc:
+        raise invalid(field, f"not JSON: {exc}") from None
+    except RecursionError:
+        raise invalid(field, f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if not isinstance(value, dict):
+        raise invalid(field, "must be a JSON object")
+    try:
+        return JSON_OBJECT.validate_python(value)
+    except ValidationError as exc:
+        raise invalid(field, exc.errors()[0]["msg"]) from None
+
+
 def _check_spec(extra: dict, arch: str) -> None:
     """The spec's fields, bounded, by the engine's torch-free model (``attacks.specs.EncoderSpec``),
     and its agreement with ``architecture``; 422 naming the field (``spec.width``...)."""
     if extra.get("arch", arch) != arch:
         raise invalid("spec.arch", f"disagrees with architecture {arch!r}")
-    _validate(specs.EncoderSpec, {**extra, "arch": arch}, "spec")
+    _validate(specs.EncoderSpec, {**extra, "arch": arch}, "spec")  # strict (its model_config)
 
 
 def _check_config(config: dict) -> None:
@@ -117,14 +153,9 @@ def _upload(form, response, session, team, queue, store, settings) -> EncoderCre
     if not isinstance(upload, UploadFile):
         raise invalid("file", "a checkpoint file is required")
     arch = _check_architecture(form.get("architecture"))
-    try:
-        extra = json.loads(form.get("spec") or "{}")
-    except json.JSONDecodeError as exc:
-        raise invalid("spec", f"not JSON: {exc}") from None
-    if not isinstance(extra, dict):
-        raise invalid("spec", "must be a JSON object")
+    extra = _form_json(form, "spec")
     _check_spec(extra, arch)
-    name = str(form.get("name") or "")[:200] or f"{arch} upload"
+    name = _form_text(form, "name")[:200] or f"{arch} upload"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "checkpoint")
         with open(path, "wb") as out:

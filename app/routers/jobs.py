@@ -16,7 +16,7 @@ from app.downloads import download
 from app.models import Artifact
 from app.problems import Problem, problem_responses
 from app.report import CSP, render_job_report
-from app.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
+from app.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic, SafeStr
 from app.storage import ObjectNotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 409, 422, 503))
@@ -42,7 +42,7 @@ def create_job(
 def list_jobs(
     session: SessionDep, team: TeamDep,
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
-    attack: str | None = None,
+    attack: Annotated[SafeStr | None, Query(max_length=200)] = None,
     encoder: uuid.UUID | None = None,
     kind: Literal["attack", "pretrain"] | None = None,
     audit: uuid.UUID | None = None,
