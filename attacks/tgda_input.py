@@ -228,10 +228,19 @@ class _Follower:
         self.m2 = (Z_tr.float() ** 2).sum(1).mean().item() + 1.0  # mean ||[z; 1]||^2
         self.lr = lr / self.m2
 
+    def grad_max(self, head: Head, Zp: torch.Tensor, yp: torch.Tensor) -> float:
+        """Largest entry of the objective's gradient in scaled units (as the victim's fit measures it)."""
+        n_tot = self.Z_tr.shape[0] + Zp.shape[0]
+        g1 = summed_gradient(head, self.Z_tr, self.y_tr)
+        g2 = summed_gradient(head, Zp, yp)
+        gW = ((g1.W + g2.W) / n_tot + self.lam * head.W) / self.scale
+        gb = (g1.b + g2.b) / n_tot
+        return max(gW.abs().max().item(), gb.abs().max().item())
+
     def __call__(self, head: Head, Zp: torch.Tensor, yp: torch.Tensor, steps: int) -> tuple[Head, float]:
         """(new head, largest gradient entry of the objective in scaled units after the steps)."""
         if steps <= 0:
-            return head, float("nan")
+            return head, self.grad_max(head, Zp, yp)
         if self.kind == "gd":
             n_tot = self.Z_tr.shape[0] + Zp.shape[0]
             for _ in range(steps):
@@ -239,11 +248,11 @@ class _Follower:
                 g2 = summed_gradient(head, Zp, yp)
                 gW = (g1.W + g2.W) / n_tot + self.lam * head.W
                 head = Head(head.W - self.lr * gW, head.b - (self.lr / n_tot) * (g1.b + g2.b))
-            return head, float("nan")
+            return head, self.grad_max(head, Zp, yp)
         s = self.scale
         Zn = torch.cat([self.Zn_tr, Zp.double() / s])
         y = torch.cat([self.y_tr, yp])
-        lam_n = self.lam * s * s  # the same objective in scaled features
+        lam_n = self.lam / (s * s)  # the same objective in scaled features (W_n = s W)
         W = (head.W.double() * s).requires_grad_(True)
         b = head.b.double().clone().requires_grad_(True)
         opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, max_eval=steps + steps // 4 + 1, history_size=20,
@@ -331,7 +340,7 @@ def tgda(
     val_losses: list[float] = []
     best = (-math.inf, nu.clone(), -1)  # (validation loss at the defender's response, nu, epoch)
     good = (nu.clone(), Zp.clone(), head)
-    gmax = float("nan")
+    gmax = 0.0
     t = 0
     while t < epochs:
         if progress:

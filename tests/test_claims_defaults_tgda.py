@@ -11,12 +11,12 @@ steps, gradient-descent follower on the mean CE): constrained drops 0.0 / -0.3 /
 L_inf to base 0.0001 (L2 0.0002); unconstrained 1.4 / 2.2 / 1.1 (mean 1.6), L_inf to base 1.66.
 After (Adam leader step per mini-batch of 64 poisons in pixel units, penalty in the same unit,
 warm-started L-BFGS follower on the victim's objective; 600 leader steps, ~30 s a run on one CPU
-thread), measured on the commit that introduced these defaults (run with -s to print them):
+thread, idle machine), measured on the commit that introduced these defaults (run with -s to print them):
 
-* constrained: drops 9.2 / 7.2 / 5.6 points (mean 7.3), mean L_inf to base 0.62 (L2 2.1), every
+* constrained: drops 7.5 / 6.7 / 6.9 points (mean 7.0), mean L_inf to base 0.59 (L2 2.0), every
   poison inside the clean range; asserted: mean drop >= 4 points (above the noise, about half of
   what was measured), every seed > 2 points, mean L_inf to base > 0.3.
-* unconstrained: drops 30.3 / 22.2 / 31.7 (mean 28.1), L_inf to base 3.0; asserted: mean >= 14
+* unconstrained: drops 28.3 / 20.6 / 36.9 (mean 28.6), L_inf to base 3.0; asserted: mean >= 14
   points and at least 10 more than constrained.
 Slow (minutes): run in CI.
 """

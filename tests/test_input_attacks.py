@@ -416,3 +416,31 @@ def test_poisons_never_carry_a_graph_and_the_caller_tensor_stays_a_leaf():
     g = vjp(torch.ones_like(f))
     assert not x.requires_grad and x.grad_fn is None
     assert g.shape == x.shape and not g.requires_grad
+
+
+def test_tgda_follower_solves_the_victims_objective(gc_setup):
+    """The L-BFGS follower's minimiser is the victim's (fit_head with the same lambda and feature
+    scale), at a feature scale far from 1 so that a mis-scaled regulariser shows."""
+    from attacks.head import fit_head, l2_strength
+    from attacks.tgda_input import _Follower
+
+    Z, y, _, _ = gc_setup
+    Z = 7.0 * Z
+    recipe = HeadRecipe(l2=1e-2, tol=1e-6, max_iter=5000)
+    s = (Z ** 2).sum(1).mean().sqrt().item()
+    lam = l2_strength(recipe, s)
+    victim, info = fit_head(Z, y, 10, recipe, scale=s)
+    assert info["converged"]
+    fol = _Follower(Z[40:], y[40:], lam, "lbfgs", 0.1, s, tol=1e-6)
+    start = Head(torch.zeros_like(victim.W), torch.zeros_like(victim.b))
+    head, gmax = fol(start, Z[:40], y[:40], 2000)  # poisons = the first 40 points: the same set in all
+    assert gmax < 1e-5
+    assert ((head.W - victim.W).norm() / victim.W.norm()).item() < 1e-3
+    assert fol.grad_max(victim, Z[:40], y[:40]) < 1e-5
+
+
+@pytest.mark.parametrize("params", [{"follower": "gd"}, {"follower_steps": 0}])
+def test_tgda_other_followers_run_and_record_a_finite_gradient(tiny_encoder, digits_small, params):
+    m = _tgda_run(tiny_encoder, digits_small, epochs=2, **params).metrics
+    assert m["tgda_leader_steps"] == 4
+    assert 0 <= m["tgda_follower_grad_max"] < float("inf")
