@@ -332,6 +332,7 @@ def tgda(
         nu.clamp_(lo, hi)
     Zp = enc.features(nu).to(hd)
     head = Head(head0.W.detach().clone().float().to(hd), head0.b.detach().clone().float().to(hd))
+    gmax0 = fol.grad_max(head, Zp, yp_h)  # the clean head's gradient on the defender's set, for scale
     head, _ = fol(head, Zp, yp_h, warmup_steps)  # the defender starts at its best response to mu'
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     adams = [AdamDirection() for _ in batches]
@@ -412,6 +413,7 @@ def tgda(
         "tgda_leader_steps_per_epoch": len(batches),
         "tgda_step_halvings": halvings,
         "tgda_follower_grad_max": gmax,
+        "tgda_follower_grad_max_initial": gmax0,
         "tgda_linf_to_base_mean": delta.abs().amax(1).mean().item(),
         "tgda_l2_to_base_mean": delta.norm(dim=1).mean().item(),
         "tgda_penalty_effective": pen,
