@@ -76,11 +76,11 @@ from collections.abc import Callable
 
 import torch
 
+from attacks.adam import AdamDirection
 from attacks.catalogue import TGDAParams
 from attacks.errors import AttackDiverged
 from attacks.gc_feature import choose_subset, n_poisons
 from attacks.gc_input import ChunkedEncoder, constrain
-from attacks.adam import AdamDirection
 from attacks.head import Head, accuracy, hvp, residuals, summed_gradient
 from attacks.progress import ProgressFn
 
@@ -317,7 +317,6 @@ def tgda(
     n = mu.shape[0]
     yp_h = yp.to(hd)
     Z_tr = Z_tr.float()
-    n_tot = Z_tr.shape[0] + n
     scale = feature_scale if feature_scale is not None else max(math.sqrt((Z_tr ** 2).sum(1).mean().item()), 1e-12)
     fol = _Follower(Z_tr, y_tr, lam, follower, follower_lr, scale, follower_tol)
     damping = cg_damping * fol.m2
