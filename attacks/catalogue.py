@@ -288,31 +288,61 @@ class GCInputParams(_GCParams):
 
 
 class TGDAParams(_Params):
-    """Total Gradient Descent Ascent in input space with a frozen encoder."""
+    """Total Gradient Descent Ascent in input space with a frozen encoder.
+
+    The leader (the poisons) takes one Adam step per mini-batch of ``batch_size`` poisons per
+    epoch, in pixel units (a fraction ``leader_lr`` of the clean pixel range, cosine-decayed over
+    the epochs); the constraint's proximal step uses the same unit, so ``penalty`` means the same
+    thing for any encoder, pixel scale and step size. The follower is the victim itself: its
+    objective (mean CE + lambda/2 ||W||^2), re-solved by warm-started L-BFGS after every leader
+    step, so the total derivative is the implicit-function gradient at the victim's minimiser."""
 
     constrained: bool = Field(
         True,
-        description="True: penalty/2 ||nu - mu'||^2 and clipping to the clean data range (the paper's "
+        description="True: the proximity penalty and clipping to the clean data range (the paper's "
         "'constr.'); False: unconstrained.",
     )
-    penalty: float = Field(1.0, ge=0, le=1e6, description="Weight of 1/2 ||nu - mu'||^2 when constrained.")
-    epochs: int = Field(200, ge=1, le=100_000, description="Leader (attacker) epochs (paper: 200).")
+    penalty: float = Field(
+        2.0,
+        ge=0,
+        le=1e6,
+        description="Weight of the proximity term penalty/2 ||nu - mu'||^2 when constrained, in units of the clean "
+        "pixel range per pixel and applied as a proximal step with the leader's own step: a pixel whose ascent "
+        "direction is consistent settles at most (hi - lo) / penalty from its base (2: half the range).",
+    )
+    epochs: int = Field(
+        200, ge=1, le=100_000,
+        description="Leader epochs (paper: 200); each is one leader step per mini-batch of poisons.",
+    )
     leader_lr: float = Field(
-        0.01,
+        0.05,
         gt=0,
-        le=100,
-        description="Attacker step on nu, normalised: each epoch moves the poisons by leader_lr times the mean "
-        "clean image L2 norm (mean over poisons) along the total derivative (reference: 0.01 on a generator).",
+        le=10,
+        description="Leader step: Adam on the pixels, each step moving a pixel by about leader_lr times the clean "
+        "pixel range (hi - lo), cosine-decayed over the epochs.",
+    )
+    follower: Literal["lbfgs", "gd"] = Field(
+        "lbfgs",
+        description="lbfgs: after every leader step the defender re-solves the victim's objective by warm-started "
+        "L-BFGS (follower_steps iterations), so it stays at the minimiser the total derivative assumes. gd: the "
+        "reference's follower, follower_steps plain gradient steps of follower_lr.",
     )
     follower_steps: int = Field(
-        20, ge=0, le=10_000, description="Defender full-batch gradient steps per epoch (reference: 20)."
+        10, ge=0, le=10_000,
+        description="Defender iterations after every leader step (L-BFGS iterations, or gradient steps for gd; "
+        "reference: 20 SGD steps).",
     )
     follower_lr: float = Field(
         0.1,
         gt=0,
         le=100,
-        description="Defender step size in units of 1 / mean ||[z; 1]||^2 over the clean features, so that it "
+        description="follower gd: step size in units of 1 / mean ||[z; 1]||^2 over the clean features, so that it "
         "is stable and comparable for any feature scale (reference: 0.1).",
+    )
+    warmup_steps: int = Field(
+        200, ge=0, le=100_000,
+        description="L-BFGS iterations of the defender on the clean part plus the initial poisons before the game, "
+        "so that it starts at its best response to them.",
     )
     cg_iters: int = Field(16, ge=1, le=1000, description="Conjugate-gradient iterations for H^-1 v (reference: 16).")
     cg_damping: float = Field(
@@ -325,7 +355,10 @@ class TGDAParams(_Params):
     val_fraction: float = Field(
         0.3, gt=0, lt=1, description="Share of the clean training set held out as the attacker's validation set."
     )
-    batch_size: int = Field(256, ge=1, le=65_536, description="Poisons per chunk for the encoder passes.")
+    batch_size: int = Field(
+        64, ge=1, le=65_536,
+        description="Poisons per leader mini-batch (one leader step and one encoder pass each).",
+    )
     subset: Literal["random", "first"] = Field(
         "random", description="Which clean points initialise nu: a seeded random subset, or the first ones."
     )

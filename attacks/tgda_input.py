@@ -3,45 +3,56 @@
 Paper: Lu, Yang, Kamath, Yu (SaTML 2024), Section 3.2, Eqs. 4-7 ("TGDA input
 space attack"); TGDA of Lu, Kamath, Yu (ICML 2022, watml/TGDA-Attack).
 
-Parameters (:class:`attacks.catalogue.TGDAParams`):
-    constrained (bool, True): the paper's "constr.": the attacker's objective gets
-        -penalty/2 ||nu - mu'||^2 (applied as a proximal step, as in gc_input) and
-        nu is clipped to the clean data range after every step. False: neither.
-    penalty (float, 1.0): weight of the proximity term.
-    epochs (int, 200): attacker steps (paper: 200 epochs).
-    leader_lr (float, 0.01): normalised ascent step [D]: each epoch moves the
-        poisons by leader_lr * s in mean per-poison L2 norm, s the mean clean image
-        L2 norm, along the total derivative (constant, no decay). The reference
-        steps a generator's weights with lr 0.01; here nu is optimised directly
-        ([D] in ATTACKS.md), so the step is expressed in image units instead.
-    follower_steps (int, 20), follower_lr (float, 0.1): the defender's full-batch
-        gradient-descent steps per epoch on the mean training loss. The step is
-        follower_lr / m2 with m2 the mean of ||[z; 1]||^2 over the clean features
-        [D]: the Hessian of the mean CE is at most m2 / 2, so the same value is
-        stable and comparable for every encoder (0.1 is the reference's lr on
-        unit-norm features).
+Parameters (:class:`attacks.catalogue.TGDAParams`). Units [D]: the leader step and the
+penalty are both in units of the clean pixel range r = hi - lo, so that neither depends on
+the encoder, the feature scale or the size of the total derivative (issue #12: the former
+normalised step made the proximal weight eta * penalty 30-58 per step, pinning the poisons
+to their bases, mean L2 to base 0.0014, and the drop was nil):
+    constrained (bool, True): the paper's "constr.": a proximity penalty and clipping of
+        nu to the clean data range after every step. False: neither.
+    penalty (float, 2.0): the proximal step of penalty/2 ||nu - mu'||^2 taken with the
+        leader's own step eta (nu <- (nu + eta*penalty*mu') / (1 + eta*penalty)). Against
+        an Adam direction of at most about 1 per pixel it settles a pixel at most
+        r / penalty from its base, whatever eta: 2 is half the range.
+    epochs (int, 200): leader epochs (paper: 200); one leader step per mini-batch of
+        batch_size poisons per epoch (reference: a step per mini-batch), so the budget
+        is epochs * ceil(n / batch_size) leader steps (600 for 144 poisons).
+    leader_lr (float, 0.05): Adam on the pixels of each mini-batch (its own moments),
+        a step of about leader_lr * r per pixel, cosine-decayed over the epochs. The
+        reference steps a generator's weights with lr 0.01; here nu is optimised
+        directly ([D] in ATTACKS.md).
+    follower ("lbfgs"), follower_steps (int, 10): the defender is the victim: its
+        objective mean CE + lambda/2 ||W||^2 (lambda = ctx.victim_lambda(), the same
+        clean feature scale) over f(mu_train) and f(nu), re-solved by warm-started
+        float64 L-BFGS for follower_steps iterations after every leader step, so the
+        implicit-function total derivative is taken near the minimiser it assumes.
+        "gd": the reference's follower_steps gradient steps of follower_lr / m2.
+    warmup_steps (int, 200): L-BFGS iterations before the game (the defender's best
+        response to mu'). Every epoch-end state, the last one included, is scored after
+        follower_steps more, so all validation losses are measured alike.
     cg_iters (int, 16), cg_damping (float, 1e-3): conjugate gradient on
-        (H + cg_damping * m2 * I) u = v, with the closed-form head HVP [D]. H is
-        singular (softmax is invariant to adding one vector to every class row);
-        v lies in its range, so a small damping suffices.
+        (H + lambda P_W + cg_damping * m2 * I) u = v, H the mean-CE Hessian by the
+        closed-form HVP, P_W the projection on W, m2 = mean ||[z; 1]||^2 [D].
     val_fraction (float, 0.3): the attacker's validation set [D]. The reference
         takes 30% of every batch; here a seeded 30% of the clean training set is
         held out once as mu~ (the attacker's validation set) and the defender
         trains on the other 70% plus the poisons. The poisons' base images are
         drawn from the whole training set (the same seeded subset as gc_input, so
         the two attacks start from the same mu').
-    batch_size (int, 256): poisons per encoder pass (bounds activation memory).
+    batch_size (int, 64): poisons per leader mini-batch and encoder pass.
     subset ("random" | "first"): which clean images initialise nu.
 
-One epoch (no double backprop, no ``create_graph``; one forward with grad and
-one backward through the encoder when the poisons fit one chunk):
-    Z_p = f(nu)                                         (chunked)
-    omega <- omega - lr_f * grad l_train(omega)         (follower_steps times;
-        l_train the mean CE over f(mu_train) (cached) and Z_p)
-    v = grad_omega l_val(omega)                         (closed form)
-    u ~= (H + lambda I)^-1 v                            (CG, H v by attacks.head.hvp)
-    D_nu l_val = -(1/n_tr) J_f(nu)^T C,  C = d/dZ_p <sum_j grad_omega l(z_j), u>
-    nu <- nu + eta * D_nu (normalised), then the proximal step and the clip.
+One leader step, mini-batch B (no double backprop, no ``create_graph``):
+    Z_B = f(nu_B), kept in the poison feature table Z_p    (one forward with grad)
+    omega <- L-BFGS(l_train, from omega)                  (follower_steps iterations)
+    v = grad_omega l_val(omega)                           (closed form)
+    u ~= (H + lambda P_W + damping I)^-1 v                (CG, H v by attacks.head.hvp)
+    D_B = -(1/n_tot) J_f(nu_B)^T C_B,  C = d/dZ_p <sum_j grad_omega l(z_j), u>
+    nu_B <- nu_B + eta_t r Adam_B(D_B), then the proximal step and the clip.
+The result is the epoch-end iterate with the highest validation loss at the defender's
+response (AutoAttack's best iterate); ``extra`` records the strength of the run: leader
+steps, validation losses (initial, best, final), the follower's last gradient, and the
+poisons' mean L_inf / L2 distance to their bases.
 
 Mixed-term closed form (derived here; checked in float64 against autograd and
 finite differences in tests/test_input_attacks.py): for one point,
@@ -49,7 +60,7 @@ grad_W = (p - e_y) z^T, grad_b = p - e_y, so <grad, u> = (p - e_y)^T (U_W z + u_
 and d/dz = U_W^T (p - e_y) + W^T J (U_W z + u_b), J = diag(p) - p p^T.
 Vectorised: S = Z U_W^T + 1 u_b^T, T = P*S - P*rowsum(P*S), C = R U_W + T W.
 
-Returns the last iterate nu (n, C, H, W) float32, labels (n,) of mu' (clean-label),
+Returns nu (n, C, H, W) float32, labels (n,) of mu' (clean-label),
 base indices, zeta = f(nu) (n, d), and target = None (TGDA has no target
 parameters; the defender's final head is summarised in ``extra`` only).
 
@@ -65,6 +76,7 @@ from collections.abc import Callable
 
 import torch
 
+from attacks.adam import AdamDirection
 from attacks.catalogue import TGDAParams
 from attacks.errors import AttackDiverged
 from attacks.gc_feature import choose_subset, n_poisons
@@ -122,24 +134,32 @@ def total_derivative_features(
     y_val: torch.Tensor,
     cg_iters: int,
     damping: float,
+    lam: float = 0.0,
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d l_val(omega*(Z_p)) / d Z_p by the implicit function theorem, and u = (H + damping I)^-1 v.
 
-    l_train = mean CE over (Z_tr, y_tr) and (Z_p, y_p), optionally + damping/2 ||omega||^2;
-    l_val = mean CE over (Z_val, y_val); H = Hessian of the mean CE part at ``head``. With
-    v = grad_omega l_val: d l_val / d Z_p = -(1/n_tot) C(u), C the mixed cotangent. Exact
-    (for the damped training loss at its minimiser) when CG converges.
+    l_train = mean CE over (Z_tr, y_tr) and (Z_p, y_p) + lam/2 ||W||^2 (the victim's objective);
+    l_val = mean CE over (Z_val, y_val); H = Hessian of l_train at ``head``. With
+    v = grad_omega l_val: d l_val / d Z_p = -(1/n_tot) C(u), C the mixed cotangent (lam does not
+    enter it). Exact at the minimiser of l_train when CG converges. ``rows``: only those poisons'
+    rows of the derivative (H still covers every poison).
     """
     K, d = head.W.shape
     n_tot = Z_tr.shape[0] + Zp.shape[0]
     v = summed_gradient(head, Z_val, y_val).flat() / Z_val.shape[0]
+    n_w = K * d
 
     def H(vec: torch.Tensor) -> torch.Tensor:
         V = Head.from_flat(vec, K, d)
-        return (hvp(head, Z_tr, V).flat() + hvp(head, Zp, V).flat()) / n_tot + damping * vec
+        out = (hvp(head, Z_tr, V).flat() + hvp(head, Zp, V).flat()) / n_tot + damping * vec
+        if lam:
+            out[:n_w] += lam * vec[:n_w]
+        return out
 
     u = conjugate_gradient(H, v, cg_iters)
-    return -mixed_cotangent(head, Zp, yp, Head.from_flat(u, K, d)) / n_tot, u
+    sel = slice(None) if rows is None else rows
+    return -mixed_cotangent(head, Zp[sel], yp[sel], Head.from_flat(u, K, d)) / n_tot, u
 
 
 def attacker_grad_autograd(
@@ -153,6 +173,7 @@ def attacker_grad_autograd(
     y_val: torch.Tensor,
     cg_iters: int,
     damping: float,
+    lam: float = 0.0,
 ) -> torch.Tensor:
     """D_nu l_val the reference way: every HVP by double backprop (``create_graph=True``) on
     the head, the mixed term by a gradient with ``create_graph=True`` through f(nu) and a
@@ -165,7 +186,7 @@ def attacker_grad_autograd(
         Wm, b = w[: K * d].reshape(K, d), w[K * d :]
         ce = torch.nn.functional.cross_entropy
         return (ce(torch.addmm(b, Z_tr, Wm.T), y_tr, reduction="sum")
-                + ce(torch.addmm(b, Zp, Wm.T), yp, reduction="sum")) / n_tot
+                + ce(torch.addmm(b, Zp, Wm.T), yp, reduction="sum")) / n_tot + 0.5 * lam * (Wm * Wm).sum()
 
     with torch.no_grad():
         Zp0 = encoder(nu)
@@ -188,6 +209,70 @@ def _mean_loss(head: Head, Z: torch.Tensor, y: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(head.logits(Z), y).item()
 
 
+class _Follower:
+    """The defender's best response: the victim's objective mean CE + lam/2 ||W||^2 over the
+    clean training features it sees and the current poison features, warm-started each call.
+
+    "lbfgs": ``steps`` full-batch L-BFGS iterations (float64, features in units of the clean
+    feature scale, as :func:`attacks.head.fit_head`), so the head tracks the minimiser the
+    implicit-function total derivative assumes; it stops at the victim's own tolerance ``tol``
+    (the largest gradient entry in scaled units), where the victim's fit stops. "gd": ``steps`` plain gradient steps of
+    lr / m2 (the reference's follower)."""
+
+    def __init__(self, Z_tr: torch.Tensor, y_tr: torch.Tensor, lam: float, kind: str, lr: float, scale: float,
+                 tol: float = 1e-4):
+        self.kind, self.lam, self.scale, self.tol = kind, lam, scale, tol
+        self.y_tr = y_tr
+        self.Z_tr = Z_tr
+        self.Zn_tr = Z_tr.double() / scale
+        self.m2 = (Z_tr.float() ** 2).sum(1).mean().item() + 1.0  # mean ||[z; 1]||^2
+        self.lr = lr / self.m2
+
+    def grad_max(self, head: Head, Zp: torch.Tensor, yp: torch.Tensor) -> float:
+        """Largest entry of the objective's gradient in scaled units (as the victim's fit measures it)."""
+        n_tot = self.Z_tr.shape[0] + Zp.shape[0]
+        g1 = summed_gradient(head, self.Z_tr, self.y_tr)
+        g2 = summed_gradient(head, Zp, yp)
+        gW = ((g1.W + g2.W) / n_tot + self.lam * head.W) / self.scale
+        gb = (g1.b + g2.b) / n_tot
+        return max(gW.abs().max().item(), gb.abs().max().item())
+
+    def __call__(self, head: Head, Zp: torch.Tensor, yp: torch.Tensor, steps: int) -> tuple[Head, float]:
+        """(new head, largest gradient entry of the objective in scaled units after the steps)."""
+        if steps <= 0:
+            return head, self.grad_max(head, Zp, yp)
+        if self.kind == "gd":
+            n_tot = self.Z_tr.shape[0] + Zp.shape[0]
+            for _ in range(steps):
+                g1 = summed_gradient(head, self.Z_tr, self.y_tr)
+                g2 = summed_gradient(head, Zp, yp)
+                gW = (g1.W + g2.W) / n_tot + self.lam * head.W
+                head = Head(head.W - self.lr * gW, head.b - (self.lr / n_tot) * (g1.b + g2.b))
+            return head, self.grad_max(head, Zp, yp)
+        s = self.scale
+        Zn = torch.cat([self.Zn_tr, Zp.double() / s])
+        y = torch.cat([self.y_tr, yp])
+        lam_n = self.lam / (s * s)  # the same objective in scaled features (W_n = s W)
+        W = (head.W.double() * s).requires_grad_(True)
+        b = head.b.double().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, max_eval=steps + steps // 4 + 1, history_size=20,
+                                tolerance_grad=self.tol, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad(set_to_none=False)
+            loss = torch.nn.functional.cross_entropy(torch.addmm(b, Zn, W.T), y)
+            if lam_n:
+                loss = loss + 0.5 * lam_n * (W * W).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        closure()
+        gmax = max(W.grad.abs().max().item(), b.grad.abs().max().item())
+        dt = head.W.dtype
+        return Head((W.detach() / s).to(dt), b.detach().to(dt)), gmax
+
+
 def tgda(
     encoder: torch.nn.Module,
     head0: Head,
@@ -201,101 +286,138 @@ def tgda(
     epochs: int,
     leader_lr: float,
     follower_steps: int,
-    follower_lr: float,
+    follower_lr: float = 0.1,
+    follower: str = "lbfgs",
+    warmup_steps: int = 200,
     cg_iters: int,
     cg_damping: float,
+    lam: float = 0.0,
+    feature_scale: float | None = None,
+    follower_tol: float = 1e-4,
     constrained: bool = True,
     penalty: float = 1.0,
     clip: tuple[float, float] | None = None,
-    image_scale: float | None = None,
-    batch_size: int = 256,
+    pixel_range: float | None = None,
+    batch_size: int = 64,
     device="cpu",
     amp: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Head, dict]:
     """The TGDA game between the poisons nu (leader) and a linear head (follower).
 
-    Z_tr, y_tr: cached clean features the defender trains on (with f(nu));
-    Z_val, y_val: the attacker's validation features; mu: (n, C, H, W) initial and
-    anchor images (not modified); yp: their labels. Returns
-    (nu float32 CPU, f(nu), final defender head, info).
+    Z_tr, y_tr: cached clean features the defender trains on (with f(nu)); Z_val, y_val: the
+    attacker's validation features; mu: (n, C, H, W) initial and anchor images (not modified);
+    yp: their labels; lam: the victim's L2 strength (absolute units); pixel_range: the unit of
+    the leader step and of the penalty (default: the clean range hi - lo, else mu's range).
+    Returns (nu float32 CPU, f(nu), final defender head, info).
     """
     enc = ChunkedEncoder(encoder, batch_size=batch_size, device=device, amp=amp)
     hd = Z_tr.device
     mu = mu.detach().to("cpu", torch.float32)
     n = mu.shape[0]
     yp_h = yp.to(hd)
-    n_tot = Z_tr.shape[0] + n
-    m2 = (Z_tr.float() ** 2).sum(1).mean().item() + 1.0  # mean ||[z; 1]||^2
-    lr_f = follower_lr / m2
-    damping = cg_damping * m2
-    if image_scale is None:
-        image_scale = mu.reshape(n, -1).norm(dim=1).mean().item()
+    Z_tr = Z_tr.float()
+    scale = feature_scale if feature_scale is not None else max(math.sqrt((Z_tr ** 2).sum(1).mean().item()), 1e-12)
+    fol = _Follower(Z_tr, y_tr, lam, follower, follower_lr, scale, follower_tol)
+    damping = cg_damping * fol.m2
     pen = penalty if constrained else 0.0
     lo, hi = clip if (constrained and clip is not None) else (-math.inf, math.inf)
-    Z_tr = Z_tr.float()
+    if pixel_range is None:
+        pixel_range = (clip[1] - clip[0]) if clip is not None else (mu.max() - mu.min()).item()
+    pixel_range = max(float(pixel_range), 1e-12)
 
-    head = Head(head0.W.detach().clone().float().to(hd), head0.b.detach().clone().float().to(hd))
     nu = mu.clone()
     if constrained and clip is not None:
         nu.clamp_(lo, hi)
-    step_scale, halvings = 1.0, 0
-    good = (nu.clone(), head)
+    Zp = enc.features(nu).to(hd)
+    head = Head(head0.W.detach().clone().float().to(hd), head0.b.detach().clone().float().to(hd))
+    gmax0 = fol.grad_max(head, Zp, yp_h)  # the clean head's gradient on the defender's set, for scale
+    head, _ = fol(head, Zp, yp_h, warmup_steps)  # the defender starts at its best response to mu'
+    batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    adams = [AdamDirection() for _ in batches]
+    total = epochs  # leader steps per mini-batch: one per epoch
+    step_scale, halvings, steps_run = 1.0, 0, 0
     val_losses: list[float] = []
-    Zp = None
-    for t in range(epochs):
+    best = (-math.inf, nu.clone(), -1)  # (validation loss at the defender's response, nu, epoch)
+    good = (nu.clone(), Zp.clone(), head)
+    gmax = 0.0
+    t = 0
+    while t < epochs:
         if progress:
             progress(t / epochs)
-        Zp_cpu, vjp = enc.features_then_vjp(nu)
-        Zp = Zp_cpu.to(hd)
-        ok = bool(torch.isfinite(Zp).all())
-        # defender: follower_steps of gradient descent on the mean training loss
-        for _ in range(follower_steps if ok else 0):
-            g1 = summed_gradient(head, Z_tr, y_tr)
-            g2 = summed_gradient(head, Zp, yp_h)
-            head = Head(head.W - (lr_f / n_tot) * (g1.W + g2.W), head.b - (lr_f / n_tot) * (g1.b + g2.b))
-        ok = ok and bool(torch.isfinite(head.W).all() and torch.isfinite(head.b).all())
-        if ok:
-            # attacker: the total derivative of l_val w.r.t. Z_p, then one VJP through f
-            val_losses.append(_mean_loss(head, Z_val, y_val))
-            C, u = total_derivative_features(head, Z_tr, y_tr, Zp, yp_h, Z_val, y_val, cg_iters, damping)
-            D = vjp(C.float())  # D_nu l_val = J_f(nu)^T dl_val/dZ_p
+        ok = True
+        for bi, sl in enumerate(batches):
+            Zb_cpu, vjp = enc.features_with_vjp(nu[sl])
+            Zb = Zb_cpu.to(hd)
+            ok = bool(torch.isfinite(Zb).all())
+            if not ok:
+                break
+            Zp[sl] = Zb
+            head, gmax = fol(head, Zp, yp_h, follower_steps)
+            ok = bool(torch.isfinite(head.W).all() and torch.isfinite(head.b).all())
+            if not ok:
+                break
+            if bi == 0:  # the state the last epoch left, scored at the defender's response to it
+                v = _mean_loss(head, Z_val, y_val)
+                val_losses.append(v)
+                if v > best[0]:
+                    best = (v, nu.clone(), t)
+            C, u = total_derivative_features(head, Z_tr, y_tr, Zp, yp_h, Z_val, y_val, cg_iters, damping,
+                                             lam=lam, rows=sl)
+            D = vjp(C.float())  # D_nu l_val = J_f(nu_B)^T dl_val/dZ_B: the ascent direction
             ok = bool(torch.isfinite(D).all() and torch.isfinite(u).all())
+            if not ok:
+                break
+            # the step and the penalty in the same unit: a fraction of the clean pixel range
+            eta = step_scale * leader_lr * 0.5 * (1 + math.cos(math.pi * t / total))
+            nu[sl] = nu[sl] + (eta * pixel_range) * adams[bi](D)
+            if constrained:
+                nu[sl] = constrain(nu[sl], mu[sl], eta, pen, lo, hi)
+            steps_run += 1
         if not ok:
             halvings += 1
             if halvings > 12:
                 raise AttackDiverged(
                     "TGDA diverged (non-finite features, gradients or defender weights) even with its "
-                    "leader step halved 12 times; lower follower_lr or leader_lr"
+                    "leader step halved 12 times; lower leader_lr"
                 )
             step_scale /= 2
-            nu, head = good[0].clone(), good[1]
+            nu, Zp, head = good[0].clone(), good[1].clone(), good[2]
+            adams = [AdamDirection() for _ in batches]
             continue
-        good = (nu.clone(), head)
-        norms = D.reshape(n, -1).norm(dim=1)
-        mean_norm = norms.mean().item()
-        if mean_norm > 0:
-            eta = step_scale * leader_lr * image_scale / mean_norm
-            nu = nu + eta * D
-            if constrained:
-                nu = constrain(nu, mu, eta, pen, lo, hi)
+        good = (nu.clone(), Zp.clone(), head)
+        t += 1
     if progress:
         progress(1.0)
+    Zp = enc.features(nu).to(hd)
+    if torch.isfinite(Zp).all():  # the last state, scored like every epoch's (follower_steps more)
+        head, gmax = fol(head, Zp, yp_h, follower_steps)
+        v = _mean_loss(head, Z_val, y_val) if torch.isfinite(head.W).all() else -math.inf
+        val_losses.append(v)
+        if v >= best[0]:
+            best = (v, nu.clone(), epochs)
+    v_best, nu, best_epoch = best
     Zp = enc.features(nu)
     if not (torch.isfinite(nu).all() and torch.isfinite(Zp).all()):
-        nu = good[0]
-        Zp = enc.features(nu)
-        if not torch.isfinite(Zp).all():
-            raise AttackDiverged("TGDA produced non-finite poisons or features")
+        raise AttackDiverged("TGDA produced non-finite poisons or features")
+    delta = (nu - mu).reshape(n, -1)
     return nu, Zp, head, {
-        "val_loss_initial": val_losses[0] if val_losses else float(_mean_loss(head0, Z_val, y_val)),
-        "val_loss_final": val_losses[-1] if val_losses else float(_mean_loss(head0, Z_val, y_val)),
-        "val_loss_max": max(val_losses) if val_losses else float(_mean_loss(head0, Z_val, y_val)),
-        "tgda_epochs_run": len(val_losses),
+        "val_loss_initial": val_losses[0],
+        "val_loss_final": val_losses[-1],
+        "val_loss_max": max(val_losses),
+        "val_loss_best": v_best,
+        "tgda_best_epoch": best_epoch,
+        "tgda_epochs_run": epochs,
+        "tgda_leader_steps": steps_run,
+        "tgda_leader_steps_per_epoch": len(batches),
         "tgda_step_halvings": halvings,
-        "follower_step": lr_f,
+        "tgda_follower_grad_max": gmax,
+        "tgda_follower_grad_max_initial": gmax0,
+        "tgda_linf_to_base_mean": delta.abs().amax(1).mean().item(),
+        "tgda_l2_to_base_mean": delta.norm(dim=1).mean().item(),
+        "tgda_penalty_effective": pen,
         "cg_damping_absolute": damping,
-        "image_scale": image_scale,
+        "pixel_range": pixel_range,
     }
 
 
@@ -334,12 +456,16 @@ def run(ctx, params: TGDAParams, *, epsilon: float, beta: float | None, seed: in
         leader_lr=params.leader_lr,
         follower_steps=params.follower_steps,
         follower_lr=params.follower_lr,
+        follower=params.follower,
+        warmup_steps=params.warmup_steps,
         cg_iters=params.cg_iters,
         cg_damping=params.cg_damping,
+        lam=ctx.victim_lambda(),
+        feature_scale=ctx.feature_scale,
+        follower_tol=ctx.recipe.tol,
         constrained=params.constrained,
         penalty=params.penalty,
         clip=(float(x.min()), float(x.max())),
-        image_scale=x.reshape(N, -1).norm(dim=1).mean().item(),
         batch_size=params.batch_size,
         device=ctx.device,
         amp=ctx.amp,
@@ -347,4 +473,5 @@ def run(ctx, params: TGDAParams, *, epsilon: float, beta: float | None, seed: in
     )
     info["n_validation"] = int(val.numel())
     info["defender_val_accuracy"] = accuracy(defender, ctx.Z_train[val.to(dev)], ctx.y_train[val.to(dev)])
+    info["defender_test_accuracy"] = accuracy(defender, ctx.Z_test, ctx.y_test)
     return AttackOutput(target=None, poisons=nu, poison_labels=labels.clone(), base_index=idx, zeta=zeta, extra=info)

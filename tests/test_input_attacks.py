@@ -325,17 +325,65 @@ def test_tgda_raises_the_validation_loss_and_keeps_constraints(tiny_encoder, dig
     assert "target_accuracy" not in m  # TGDA has no target parameters
 
 
-def test_tgda_attacker_gradient_matches_autograd(tiny_encoder, digits_small, gc_setup):
+@pytest.mark.parametrize("lam", [0.0, 1e-2])
+def test_tgda_attacker_gradient_matches_autograd(tiny_encoder, digits_small, gc_setup, lam):
+    """The closed-form total derivative, the victim's L2 term in the Hessian included."""
     from attacks.tgda_input import attacker_grad_autograd
 
     Z, y, target, _ = gc_setup
     nu, yp = digits_small.x_train[:10], y[:10]
     enc = ChunkedEncoder(tiny_encoder, batch_size=4, device="cpu")
     Zp, vjp = enc.features_then_vjp(nu)
-    C, _ = total_derivative_features(target, Z[100:], y[100:], Zp, yp, Z[:100], y[:100], cg_iters=10, damping=1e-2)
+    C, _ = total_derivative_features(target, Z[100:], y[100:], Zp, yp, Z[:100], y[:100], cg_iters=10, damping=1e-2,
+                                     lam=lam)
     got = vjp(C)
-    ref = attacker_grad_autograd(tiny_encoder, target, Z[100:], y[100:], nu, yp, Z[:100], y[:100], 10, 1e-2)
+    ref = attacker_grad_autograd(tiny_encoder, target, Z[100:], y[100:], nu, yp, Z[:100], y[:100], 10, 1e-2, lam=lam)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-3
+    # one mini-batch's rows are those rows of the whole derivative (the Hessian still covers every poison)
+    C_rows, _ = total_derivative_features(target, Z[100:], y[100:], Zp, yp, Z[:100], y[:100], cg_iters=10,
+                                          damping=1e-2, lam=lam, rows=slice(3, 7))
+    assert torch.allclose(C_rows, C[3:7], rtol=1e-5, atol=1e-7)
+
+
+def _tgda_run(tiny_encoder, digits_small, **params):
+    base = {"epochs": 10, "follower_steps": 5, "cg_iters": 8, "batch_size": 16}
+    return run_job(encoder=tiny_encoder, dataset=digits_small, attack="tgda_input", epsilon=0.1,
+                   params={**base, **params}, device="cpu", defences=False)
+
+
+def test_tgda_penalty_and_step_share_the_pixel_unit(tiny_encoder, digits_small):
+    """Issue #12: the proximal weight was eta * penalty with eta in units of the (tiny) total
+    derivative, 30-58 per step, and constrained poisons stayed 1e-4 from their bases. Now the
+    step and the penalty are fractions of the clean pixel range r: a pixel settles at most about
+    r / penalty from its base (Adam's direction is at most ~3.2 per pixel), whatever the size of
+    the gradient, and a weaker penalty moves the poisons further."""
+    strong = _tgda_run(tiny_encoder, digits_small, penalty=16.0)
+    weak = _tgda_run(tiny_encoder, digits_small, penalty=0.5)
+    lo, hi = strong.metrics["poison_stats"]["clean_range"]
+    r = hi - lo
+    for res in (strong, weak):
+        assert res.poisons.x.min() >= lo and res.poisons.x.max() <= hi
+    ms, mw = strong.metrics, weak.metrics
+    assert ms["poison_stats"]["linf_to_base"]["max"] <= 3.2 * r / 16
+    assert ms["poison_stats"]["linf_to_base"]["mean"] > 0.01 * r  # moved, not pinned
+    assert mw["poison_stats"]["linf_to_base"]["mean"] > 0.1 * r
+    assert mw["poison_stats"]["l2_to_base"]["mean"] > 2 * ms["poison_stats"]["l2_to_base"]["mean"]
+    # the strength of the run is recorded with the result
+    assert ms["tgda_penalty_effective"] == 16.0 and ms["pixel_range"] == pytest.approx(r)
+    assert ms["tgda_linf_to_base_mean"] == pytest.approx(ms["poison_stats"]["linf_to_base"]["mean"], rel=1e-5)
+
+
+def test_tgda_takes_one_leader_step_per_mini_batch(tiny_encoder, digits_small):
+    m = _tgda_run(tiny_encoder, digits_small, epochs=3, constrained=False).metrics
+    n = m["n_poisons"]
+    assert n == 30
+    assert m["tgda_leader_steps_per_epoch"] == 2 and m["tgda_leader_steps"] == 3 * 2  # batches of 16
+    assert m["tgda_epochs_run"] == 3 and 0 <= m["tgda_best_epoch"] <= 3
+    assert m["val_loss_best"] == m["val_loss_max"] >= m["val_loss_initial"]
+    # the follower tracks the minimiser of the victim's objective: its gradient at the end is below
+    # that of the clean head on the defender's set (poisons included) where it started. (It lags:
+    # 5 L-BFGS iterations after each leader step leave ~1e-2 here, against 1e-4 after the warm-up.)
+    assert m["tgda_follower_grad_max"] < m["tgda_follower_grad_max_initial"]
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -381,3 +429,31 @@ def test_poisons_never_carry_a_graph_and_the_caller_tensor_stays_a_leaf():
     g = vjp(torch.ones_like(f))
     assert not x.requires_grad and x.grad_fn is None
     assert g.shape == x.shape and not g.requires_grad
+
+
+def test_tgda_follower_solves_the_victims_objective(gc_setup):
+    """The L-BFGS follower's minimiser is the victim's (fit_head with the same lambda and feature
+    scale), at a feature scale far from 1 so that a mis-scaled regulariser shows."""
+    from attacks.head import fit_head, l2_strength
+    from attacks.tgda_input import _Follower
+
+    Z, y, _, _ = gc_setup
+    Z = 7.0 * Z
+    recipe = HeadRecipe(l2=1e-2, tol=1e-6, max_iter=5000)
+    s = (Z ** 2).sum(1).mean().sqrt().item()
+    lam = l2_strength(recipe, s)
+    victim, info = fit_head(Z, y, 10, recipe, scale=s)
+    assert info["converged"]
+    fol = _Follower(Z[40:], y[40:], lam, "lbfgs", 0.1, s, tol=1e-6)
+    start = Head(torch.zeros_like(victim.W), torch.zeros_like(victim.b))
+    head, gmax = fol(start, Z[:40], y[:40], 2000)  # poisons = the first 40 points: the same set in all
+    assert gmax < 1e-5
+    assert ((head.W - victim.W).norm() / victim.W.norm()).item() < 1e-3
+    assert fol.grad_max(victim, Z[:40], y[:40]) < 1e-5
+
+
+@pytest.mark.parametrize("params", [{"follower": "gd"}, {"follower_steps": 0}])
+def test_tgda_other_followers_run_and_record_a_finite_gradient(tiny_encoder, digits_small, params):
+    m = _tgda_run(tiny_encoder, digits_small, epochs=2, **params).metrics
+    assert m["tgda_leader_steps"] == 4
+    assert 0 <= m["tgda_follower_grad_max"] < float("inf")
