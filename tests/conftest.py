@@ -54,3 +54,37 @@ def simclr_mnist(mnist5k, tmp_path_factory):
     d = tmp_path_factory.mktemp("simclr_mnist")
     save_encoder(enc, d)
     return enc
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small ops run as fast on one thread on an idle machine, and are immune to OpenMP spin-waits
+    on a shared one; use as ``pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The real sklearn digits split (1,437 train / 360 test 8x8 images), for the claims tests."""
+    from attacks.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def simclr_digits(digits):
+    """The claims tests' encoder: small_cnn (width 16), SimCLR 2 epochs, seed 0, on digits;
+    pre-trained on one thread so that its bits do not depend on the machine's thread count."""
+    from attacks.encoders import EncoderSpec
+    from attacks.pretrain import SimCLRConfig, pretrain_simclr
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = EncoderSpec(arch="small_cnn", in_channels=1, width=16)
+        return pretrain_simclr(spec, digits.x_train, SimCLRConfig(epochs=2, batch_size=128, seed=0, device="cpu"))
+    finally:
+        torch.set_num_threads(before)

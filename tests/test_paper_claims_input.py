@@ -21,40 +21,14 @@ TGDA: 100 epochs at leader_lr 0.05 (hand-set; see its test).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from attacks.features import FeatureCache
 from attacks.pipeline import run_job
 from attacks.stage_cache import StageCache
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TGDA = {"epochs": 100, "leader_lr": 0.05}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small ops: one thread is as fast on an idle machine, and immune to OpenMP spin-waits on a shared one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from attacks.data import load_dataset
-
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def simclr_digits(digits, _one_thread):
-    from attacks.encoders import EncoderSpec
-    from attacks.pretrain import SimCLRConfig, pretrain_simclr
-
-    spec = EncoderSpec(arch="small_cnn", in_channels=1, width=16)
-    return pretrain_simclr(spec, digits.x_train, SimCLRConfig(epochs=2, batch_size=128, seed=0, device="cpu"))
 
 
 @pytest.fixture(scope="module")
