@@ -70,7 +70,7 @@ from attacks.errors import AttackDiverged
 from attacks.gc_feature import choose_subset, n_poisons
 from attacks.gc_input import ChunkedEncoder, constrain
 from attacks.head import Head, accuracy, hvp, residuals, summed_gradient
-from attacks.progress import ProgressFn
+from attacks.progress import ProgressFn, checkpoint
 
 __all__ = ["attacker_grad_autograd", "conjugate_gradient", "mixed_cotangent", "run", "tgda", "total_derivative_features"]
 
@@ -97,6 +97,7 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     rr = (r * r).sum()
     b2 = rr.item()
     for _ in range(iters):
+        checkpoint()
         if rr.item() <= tol * tol * max(b2, 1e-300):
             break
         Ap = matvec(p)
@@ -244,6 +245,7 @@ def tgda(
     val_losses: list[float] = []
     Zp = None
     for t in range(epochs):
+        checkpoint()
         if progress:
             progress(t / epochs)
         Zp_cpu, vjp = enc.features_then_vjp(nu)
@@ -251,6 +253,7 @@ def tgda(
         ok = bool(torch.isfinite(Zp).all())
         # defender: follower_steps of gradient descent on the mean training loss
         for _ in range(follower_steps if ok else 0):
+            checkpoint()
             g1 = summed_gradient(head, Z_tr, y_tr)
             g2 = summed_gradient(head, Zp, yp_h)
             head = Head(head.W - (lr_f / n_tot) * (g1.W + g2.W), head.b - (lr_f / n_tot) * (g1.b + g2.b))
