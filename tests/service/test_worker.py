@@ -100,11 +100,13 @@ def test_a_job_without_defences_skips_them(env):
     assert job.metrics["n_poisons"] > 0 and "defences" not in job.metrics
 
 
-def test_the_worker_passes_the_precision_to_the_engine(env, monkeypatch):
+def test_the_worker_passes_the_precision_to_the_engine(env, configure, monkeypatch):
     """bf16 reaches run_job as amp=True (fp32 as False); on the CPU autocast is a no-op, and the
-    result says what ran (metrics["bf16"] False)."""
+    result says what ran (metrics["bf16"] False). In-process, so that the spy sees the calls."""
     import attacks.pipeline
     from worker.tasks import run_job
+
+    configure(job_isolation=False)
 
     seen = []
     real = attacks.pipeline.run_job
@@ -146,10 +148,12 @@ def test_features_are_cached_in_the_object_store_across_workers(env):
     assert (engine_dir / "decoders" / "abc123.safetensors").read_bytes() == b"decoder"
 
 
-def test_engine_error_fails_the_job_with_its_message_and_keeps_the_log(env, monkeypatch):
+def test_engine_error_fails_the_job_with_its_message_and_keeps_the_log(env, configure, monkeypatch):
     from attacks.errors import AttackDiverged
     from worker import steps
     from worker.tasks import run_job
+
+    configure(job_isolation=False)  # in-process: the patched step is this process's
 
     def diverge(run, encoder, dataset):
         run.progress("attack", 0.5)
