@@ -304,7 +304,7 @@ def run_job(
     defence_config = DefenceConfig() if defences is True else (defences or None)
     torch.manual_seed(opts.seed)
     user = progress or (lambda s, f: None)
-    last = ["starting", 0.0]
+    last: list = [None, 0.0]
 
     def report(stage: str, fraction: float) -> None:
         last[0], last[1] = stage, fraction
@@ -312,7 +312,7 @@ def run_job(
 
     # Loops without a callback of their own (head fits in sweeps, defences, evaluation) reach the
     # caller's callback through attacks.progress.checkpoint, with the latest stage and fraction.
-    with checks(lambda: user(last[0], last[1])):
+    with checks(lambda: last[0] is not None and user(last[0], last[1])):
         return _run_job(opts, attack_params, defence_config, report, encoder=encoder, dataset=dataset, amp=amp,
                         cache_dir=cache_dir, cache=cache, stage_cache=stage_cache)
 

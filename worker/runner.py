@@ -73,13 +73,13 @@ _ABS_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"():,;=<>]+/)+([^\s/'\"():,;=<
 
 
 def public_text(text: str, *, secrets: tuple[str, ...] = ()) -> str:
-    """``text`` without server details: ``secrets`` (this worker's id, ...), this machine's host name
-    and every absolute path (but its last component: ``.../name.npz``)."""
-    host = socket.gethostname()
-    for secret in sorted({*secrets, *((host,) if len(host) >= 3 else ())}, key=len, reverse=True):
-        if secret:
-            text = text.replace(secret, "<server>")
-    return _ABS_PATH.sub(lambda m: ".../" + m.group(1), text)
+    """``text`` without server details: every absolute path but its last component (``.../name.npz``),
+    then ``secrets`` (this worker's name, ...) and this machine's host name, as whole words."""
+    text = _ABS_PATH.sub(lambda m: ".../" + m.group(1), text)
+    names = {x for x in (*secrets, socket.gethostname()) if x and len(x) >= 3}
+    for name in sorted(names, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", "<server>", text)
+    return text
 
 
 class _JobLogFilter(logging.Filter):
@@ -160,11 +160,9 @@ class JobRun:
 
     # ---------------------------------------------------------------- context
     def secrets(self) -> tuple[str, ...]:
-        """What the job's log and error must not show: this worker, its data and temporary directories."""
-        out = [self.worker, self.worker.rsplit(":", 1)[0], str(self.tmp), str(self.settings.data_dir),
-               str(self.settings.cache_dir), str(self.settings.storage_dir or "")]
-        host = self.worker.rsplit(":", 1)[0].rpartition("@")[2]
-        return tuple(x for x in (*out, host) if x and len(x) >= 3)
+        """Names the job's log and error must not show: this worker's (name@host:pid), its host's."""
+        name = self.worker.rsplit(":", 1)[0]
+        return (self.worker, name, name.rpartition("@")[2])
 
     def _open_log(self) -> None:
         """The job's log file: this job's records (its context), one public line each."""
@@ -273,12 +271,11 @@ class JobRun:
                         msg = parent_end.recv()
                     except EOFError:
                         break
-                    if msg[0] == "progress":
-                        self.stage, self.fraction, self.progress_at = msg[1], msg[2], utcnow()
-                        continue
-                    outcome = msg
-                    break
-                if not proc.is_alive():
+                    if msg[0] != "progress":
+                        outcome = msg
+                        break
+                    self.stage, self.fraction, self.progress_at = msg[1], msg[2], utcnow()
+                elif not proc.is_alive():
                     break
                 now = time.monotonic()
                 if self.lost.is_set() or self.cancel.is_set():
