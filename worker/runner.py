@@ -288,7 +288,7 @@ class JobRun:
                     killed = "time"
                     break
         finally:
-            proc.join(10 if outcome is not None else 0)
+            proc.join(0 if killed else 10 if outcome is not None else 5)  # an EOF may precede the exit a little
             if proc.is_alive():
                 proc.kill()
                 proc.join(30)
