@@ -225,6 +225,12 @@ def test_a_job_past_its_time_limit_fails_and_the_next_one_runs(a, stack):
     assert done["status"] == "failed" and done["error"] == "time limit exceeded (20s)", done
     assert time.monotonic() - t0 < 20 + 30 and done["duration_s"] < 20 + 15
     assert "log.txt" in {x["name"] for x in done["artifacts"]}
+    # GC in feature space whose step sweep (short GC runs and victim fits, no progress of their own)
+    # runs ~10 x 100000 GC steps: stopped inside the sweep, not after it
+    sweep = submit(a, stack, {"auto_gc_steps": 100000, "gc_steps": 100000, "stop_loss": 0}, attack="gc_feature")
+    done = wait_job(a, sweep["id"], timeout=120)
+    assert done["status"] == "failed" and done["error"] == "time limit exceeded (20s)", done
+    assert done["duration_s"] < 20 + 15
     nxt = wait_job(a, submit(a, stack, FAST)["id"], timeout=120)
     assert nxt["status"] == "succeeded" and nxt["worker"].startswith("w3@"), nxt
 
