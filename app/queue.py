@@ -38,8 +38,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_queues=[Queue(q, routing_key=q) for q in QUEUES],
         task_default_queue="cpu",
         task_routes={TASK_CHECK_ENCODER: {"queue": "cpu"}},  # run_job/pretrain: by the job's device
-        task_time_limit=settings.job_time_limit_s,
-        task_soft_time_limit=settings.job_soft_time_limit_s,
+        # A backstop only: the worker enforces job_time_limit_s itself (worker.runner), in every pool,
+        # and records why; Celery's limits (which do nothing under --pool=solo) come later.
+        task_time_limit=settings.job_time_limit_s + 60,
+        task_soft_time_limit=settings.job_time_limit_s + 30,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         worker_hijack_root_logger=False,

@@ -22,7 +22,8 @@ from app.settings import Settings
 log = logging.getLogger("app.reaper")
 
 
-def _lost(session: Session, job: Job, reason: str, queue: JobQueue, requeue_allowed: bool = True) -> str | None:
+def _lost(session: Session, job: Job, reason: str, queue: JobQueue, requeue_allowed: bool = True,
+          worker: str | None = None) -> str | None:
     now = utcnow()
     base = update(Job).where(Job.id == job.id, Job.status == JobStatus.running, Job.attempts == job.attempts)
     if job.cancel_requested:
@@ -53,7 +54,7 @@ def _lost(session: Session, job: Job, reason: str, queue: JobQueue, requeue_allo
                 status=JobStatus.running, heartbeat_at=None, worker="(re-queue pending)"))
             session.commit()
             return None
-    log.warning("job %s: %s -> %s", job.id, reason, action)
+    log.warning("job %s: %s -> %s%s", job.id, reason, action, f" (worker {worker})" if worker else "")
     return action
 
 
@@ -98,8 +99,9 @@ def reap_stale_jobs(session: Session, queue: JobQueue, settings: Settings) -> di
     out = {}
     for job in stale:
         last = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
-        reason = f"worker {job.worker or '?'} lost: no heartbeat for over {settings.heartbeat_timeout_s:g}s (last {last})"
-        action = _lost(session, job, reason, queue)
+        # The job's error is the client's: it does not name the worker (host:pid); the server log does.
+        reason = f"worker lost: no heartbeat for over {settings.heartbeat_timeout_s:g}s (last {last})"
+        action = _lost(session, job, reason, queue, worker=job.worker)
         if action:
             out[str(job.id)] = action
     return out
@@ -112,7 +114,7 @@ def reap_worker_orphans(session: Session, queue: JobQueue, hostname: str) -> dic
     session.rollback()
     out = {}
     for job in rows:
-        action = _lost(session, job, f"worker {job.worker} restarted while the job ran", queue)
+        action = _lost(session, job, "the worker restarted while the job ran", queue, worker=job.worker)
         if action:
             out[str(job.id)] = action
     return out

@@ -67,8 +67,14 @@ class Settings(BaseSettings):
 
     # Jobs and workers.
     auto_queue: Literal["gpu", "cpu"] = "gpu"
+    # The hard limit: the worker kills a job's process past it. The soft one (default: the limit less
+    # a tenth of it, at most 60 s) is where the engine's cooperative checks stop the job themselves.
     job_time_limit_s: int = Field(6 * 3600, ge=1)
-    job_soft_time_limit_s: int | None = None
+    job_soft_time_limit_s: float | None = Field(None, gt=0)
+    # Each job runs in a child process of the worker (where the platform can fork), which the worker
+    # kills on the hard limit, or this long after a cancel that the engine did not act upon.
+    job_isolation: bool = True
+    job_kill_grace_s: float = Field(5.0, ge=0)
     visibility_timeout_s: int | None = None
     heartbeat_interval_s: float = Field(2.0, gt=0)
     heartbeat_timeout_s: float = Field(60.0, gt=0)
@@ -103,7 +109,8 @@ class Settings(BaseSettings):
         if self.cache_dir is None:
             self.cache_dir = d / "cache"
         if self.job_soft_time_limit_s is None:
-            self.job_soft_time_limit_s = max(1, self.job_time_limit_s - 60)
+            self.job_soft_time_limit_s = soft_time_limit(self.job_time_limit_s)
+        self.job_soft_time_limit_s = min(self.job_soft_time_limit_s, float(self.job_time_limit_s))
         if self.visibility_timeout_s is None:
             # Longer than the longest job, so the broker never redelivers a running one.
             self.visibility_timeout_s = self.job_time_limit_s + 3600
@@ -117,6 +124,11 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for p in (self.data_dir, self.storage_dir, self.cache_dir):
             Path(p).mkdir(parents=True, exist_ok=True)
+
+
+def soft_time_limit(limit_s: float) -> float:
+    """The default soft limit: ``limit_s`` less a tenth of it, at most 60 s less (never under half of it)."""
+    return limit_s - min(60.0, limit_s / 10)
 
 
 @lru_cache

@@ -77,6 +77,7 @@ from attacks.datacheck import (
     npz_members,
     read_member,
 )
+from attacks.progress import checkpoint
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -722,6 +723,7 @@ def _cifar_batches(folder: Path, files: Sequence[str], label_key: str) -> tuple[
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     for fname in files:
+        checkpoint()
         path = folder / fname
         entry = _read_cifar_pickle(path)
         data = np.asarray(_cifar_field(path, entry, "data"))
@@ -842,6 +844,7 @@ def _read_images(files: Sequence[tuple[Path, int]], limits: DatasetLimits) -> tu
     first: Path | None = None
     grey = True
     for path, _ in files:
+        checkpoint()
         with _open_image(path) as im:
             if im.mode not in _GREY_MODES | _COLOUR_MODES:
                 raise DatasetError(f"{path}: unsupported image mode {im.mode!r} (16-bit or float); convert to 8-bit")
@@ -867,6 +870,7 @@ def _read_images(files: Sequence[tuple[Path, int]], limits: DatasetLimits) -> tu
     pixels = np.empty((len(files), height, width, channels), dtype=np.uint8)
     mode = "L" if grey else "RGB"
     for i, (path, _) in enumerate(files):
+        checkpoint()
         with _open_image(path) as im:
             try:
                 pixels[i] = np.asarray(im.convert(mode)).reshape(height, width, channels)

@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from attacks.catalogue import DecoderInversionParams
 from attacks.features import autocast_for
 from attacks.gc_feature import poisoned_features
-from attacks.progress import ProgressFn
+from attacks.progress import ProgressFn, checkpoint
 
 __all__ = [
     "MS_SSIM_WEIGHTS",
@@ -331,6 +331,7 @@ def decode(
     try:
         with torch.no_grad():
             for i in range(0, base.shape[0], batch_size):
+                checkpoint()
                 xb = base[i : i + batch_size].to(device, torch.float32)
                 bott, skips = _skips(encoder, xb, amp)
                 if zeta is not None:
@@ -355,6 +356,7 @@ def _train(encoder, decoder: UNetDecoder, x: Tensor, params: DecoderInversionPar
         perm = torch.randperm(n, generator=gen)
         running, batches = 0.0, 0
         for i in range(0, n, bs):
+            checkpoint()
             idx = perm[i : i + bs]
             done += 1
             if idx.numel() < 2 and n > 1:  # BatchNorm needs two samples; the leftover image waits an epoch

@@ -54,6 +54,7 @@ import torch
 from attacks.catalogue import HeadRecipe
 from attacks.feature_matching_r import anomaly_mask
 from attacks.head import accuracy, feature_scale, train_head
+from attacks.progress import checkpoint
 
 __all__ = ["DefenceConfig", "DEFENCES", "knn_flags", "linf_flags", "run_defences", "spectral_flags", "spectral_quota"]
 
@@ -111,6 +112,7 @@ def knn_flags(Z: torch.Tensor, y: torch.Tensor, k: int = 10, chunk_elements: int
     sq = (Z * Z).sum(1)
     rows = max(1, min(n, chunk_elements // n))
     for i in range(0, n, rows):
+        checkpoint()
         j = min(i + rows, n)
         D = torch.addmm(sq[None, :], Z[i:j], Z.T, beta=1.0, alpha=-2.0)  # (c, N) = -2 a.b + ||b||^2
         D += sq[i:j, None]
@@ -151,6 +153,7 @@ def spectral_flags(
     """(N,) bool: per class, the spectral_quota(n_c, ...) points with the largest spectral score."""
     flags = torch.zeros(Z.shape[0], dtype=torch.bool, device=Z.device)
     for c in torch.unique(y).tolist():
+        checkpoint()
         members = (y == c).nonzero().squeeze(1)
         m = spectral_quota(members.numel(), fraction, budget, max_remove_fraction)
         if m == 0:

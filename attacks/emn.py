@@ -77,7 +77,7 @@ from attacks.catalogue import EMNParams
 from attacks.errors import AttackDiverged
 from attacks.features import autocast_for
 from attacks.gc_feature import choose_subset, n_poisons
-from attacks.progress import ProgressFn, no_progress
+from attacks.progress import ProgressFn, checkpoint, no_progress
 
 __all__ = ["run", "error_minimising_noise", "finetune_accuracy", "perturbed_subset"]
 
@@ -130,10 +130,12 @@ def _pgd_pass(encoder, W, b, x, xp, y, params: EMNParams, device, amp, report) -
     feats = []
     n = x.shape[0]
     for i in range(0, n, params.batch_size):
+        checkpoint()
         xb = x[i : i + params.batch_size].to(device, torch.float32)
         yb = y[i : i + params.batch_size].to(device)
         pb = xp[i : i + params.batch_size].to(device, torch.float32).clone()
         for _ in range(params.pgd_steps):
+            checkpoint()
             pb.requires_grad_(True)
             with autocast_for(device, amp):
                 z = encoder(pb)
@@ -189,6 +191,7 @@ def error_minimising_noise(ctx, params: EMNParams, idx: torch.Tensor, seed: int,
             encoder.train()
             encoder.requires_grad_(True)
         for _ in range(params.head_steps):
+            checkpoint()
             bi = stream.next()
             if params.end_to_end:
                 with autocast_for(dev, amp):
@@ -226,6 +229,7 @@ def error_minimising_noise(ctx, params: EMNParams, idx: torch.Tensor, seed: int,
         if params.end_to_end:
             zc = []
             for i in range(0, x_sub.shape[0], params.batch_size):
+                checkpoint()
                 with autocast_for(dev, amp):
                     zc.append(encoder(x_sub[i : i + params.batch_size].to(dev)).float())
             z_clean = torch.cat(zc)
@@ -288,6 +292,7 @@ def finetune_accuracy(
     for _ in range(params.finetune_epochs):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, bs):
+            checkpoint()
             bi = perm[i : i + bs]
             if bi.numel() < 2:
                 continue
@@ -305,6 +310,7 @@ def finetune_accuracy(
     correct = 0
     with torch.no_grad():
         for i in range(0, x_test.shape[0], 512):
+            checkpoint()
             with autocast_for(device, amp):
                 z = encoder(x_test[i : i + 512].to(device))
             correct += (_logits(z, W, b).argmax(1).cpu() == y_test[i : i + 512].cpu()).sum().item()

@@ -49,7 +49,7 @@ from attacks.catalogue import FeatureMatchingParams
 from attacks.features import autocast_for, extract_features
 from attacks.errors import AttackDiverged
 from attacks.gc_feature import feature_ceiling, gradient_canceling, poisoned_features
-from attacks.progress import ProgressFn
+from attacks.progress import ProgressFn, checkpoint
 
 
 def nearest_clean(zeta: torch.Tensor, Z: torch.Tensor, unique: bool = False, chunk: int = 4096) -> torch.Tensor:
@@ -61,6 +61,7 @@ def nearest_clean(zeta: torch.Tensor, Z: torch.Tensor, unique: bool = False, chu
     if not unique:
         out = torch.empty(zeta.shape[0], dtype=torch.long)
         for i in range(0, zeta.shape[0], chunk):
+            checkpoint()
             q = zeta[i : i + chunk]
             d = zn[None, :] - 2 * q @ Z.T  # |q|^2 is constant per row
             out[i : i + chunk] = d.argmin(1)
@@ -68,6 +69,7 @@ def nearest_clean(zeta: torch.Tensor, Z: torch.Tensor, unique: bool = False, chu
     k = min(Z.shape[0], 64)
     cand_d, cand_i = [], []
     for i in range(0, zeta.shape[0], chunk):
+        checkpoint()
         q = zeta[i : i + chunk]
         d = zn[None, :] - 2 * q @ Z.T + (q * q).sum(1, keepdim=True)
         v, j = d.topk(k, dim=1, largest=False)
@@ -78,6 +80,7 @@ def nearest_clean(zeta: torch.Tensor, Z: torch.Tensor, unique: bool = False, chu
     taken: set[int] = set()
     order = torch.argsort(D[:, 0])
     for r in order.tolist():
+        checkpoint()
         for j in I[r].tolist():
             if j not in taken:
                 out[r] = j
@@ -157,6 +160,7 @@ def match_features(
             done += steps
         else:
             for t in range(steps):
+                checkpoint()
                 eta = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
                 nu.requires_grad_(True)
                 with autocast_for(device, amp):
@@ -193,6 +197,7 @@ def _match_eq15(encoder, mu, nu, zt, *, beta, gamma, steps, lr, adam, device, am
     stale = torch.zeros(nu.shape[0], dtype=torch.long, device=nu.device)
     patience = max(20, steps // 10)
     for t in range(steps):
+        checkpoint()
         eta = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
         nu = nu.detach().requires_grad_(True)
         with autocast_for(device, amp):

@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from attacks.progress import checkpoint
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda when available, else cpu. 'cuda' without a GPU is an error."""
@@ -47,6 +49,7 @@ def _device_batches(x: torch.Tensor, batch_size: int, device: torch.device):
     n = x.shape[0]
     if device.type != "cuda":
         for i in range(0, n, batch_size):
+            checkpoint()
             yield i, x[i : i + batch_size].to(device)
         return
     copy_stream = torch.cuda.Stream(device)
@@ -61,6 +64,7 @@ def _device_batches(x: torch.Tensor, batch_size: int, device: torch.device):
 
     nxt = stage(0)
     for i in range(0, n, batch_size):
+        checkpoint()
         compute.wait_stream(copy_stream)
         cur = nxt
         cur.record_stream(compute)  # its memory is not reused before the compute stream is done with it
@@ -99,6 +103,7 @@ def extract_features(
     # sync) instead of a host pass over the whole output at the end.
     bad = torch.zeros((), dtype=torch.bool, device=device) if cuda else None
     for i, xb in _device_batches(x, batch_size, device):
+        checkpoint()
         with torch.inference_mode(), autocast_for(device, amp):
             zb = encoder(xb)
         if out is None:  # allocated outside inference mode: the features may enter autograd later

@@ -43,7 +43,7 @@ import torch
 from attacks.catalogue import GCFeatureParams
 from attacks.errors import AttackDiverged
 from attacks.head import GCStep, Head, gc_loss_and_grad, objective_gradient
-from attacks.progress import ProgressFn
+from attacks.progress import ProgressFn, checkpoint
 
 
 def n_poisons(epsilon: float, n_train: int) -> int:
@@ -124,9 +124,10 @@ def gradient_canceling(
     # has not lowered its best loss by 1% halves its step and restarts from its best iterate; an
     # exploding or non-finite loss does the same at once. No exception: the best iterate is the answer.
     window = max(10, steps // 20)
-    mult, checkpoint = 1.0, best_loss
+    mult, mark = 1.0, best_loss
     loss = loss0
     for t in range(steps):
+        checkpoint()
         if progress and t % 10 == 0:
             progress(t / steps)
         eta = mult * base * 0.5 * (1 + math.cos(math.pi * t / steps))
@@ -144,11 +145,11 @@ def gradient_canceling(
         if lv < stop_loss:
             break
         if not pulling and t > 0 and t % window == 0:
-            if best_loss > 0.99 * checkpoint:
+            if best_loss > 0.99 * mark:
                 halvings += 1
                 mult /= 2
                 Z = best_Z.clone()
-            checkpoint = best_loss
+            mark = best_loss
         Z = Z - eta * grad
         if pulling:
             # proximal pull toward f(nu), in the same relative units as the step

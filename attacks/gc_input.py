@@ -64,7 +64,7 @@ from attacks.errors import AttackDiverged
 from attacks.features import autocast_for
 from attacks.gc_feature import choose_subset, n_poisons
 from attacks.head import Head, gc_loss_and_grad, objective_gradient
-from attacks.progress import ProgressFn
+from attacks.progress import ProgressFn, checkpoint
 
 __all__ = ["ChunkedEncoder", "constrain", "gc_input_grad", "gc_input_grad_autograd", "input_gradient_canceling", "run"]
 
@@ -93,6 +93,7 @@ class ChunkedEncoder:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         out = []
         for i in range(0, x.shape[0], self.batch_size):
+            checkpoint()
             out.append(self._f(x[i : i + self.batch_size].to(self.device, torch.float32)).cpu())
         return torch.cat(out)
 
@@ -112,6 +113,7 @@ class ChunkedEncoder:
         """J_f(x)^T cot for the whole set, one forward pass with grad and one backward per chunk."""
         out = torch.empty(x.shape, dtype=torch.float32)
         for i in range(0, x.shape[0], self.batch_size):
+            checkpoint()
             xb = x[i : i + self.batch_size].detach().to(self.device, torch.float32, copy=True).requires_grad_(True)
             f = self._f(xb)
             (g,) = torch.autograd.grad(f, xb, grad_outputs=cot[i : i + self.batch_size].to(f.device, f.dtype))
@@ -229,6 +231,7 @@ def input_gradient_canceling(
         return mult >= 2.0 ** -40
 
     for t in range(steps):
+        checkpoint()
         if progress and t % 10 == 0:
             progress(t / steps)
         Zp, vjp = enc.features_then_vjp(nu)

@@ -29,6 +29,7 @@ import torch
 
 from attacks.catalogue import GradPCParams
 from attacks.head import Head, accuracy, refit_bias, summed_gradient
+from attacks.progress import checkpoint
 
 
 def gradpc_target(
@@ -56,10 +57,12 @@ def find_eps_w(
     """Smallest eps_w (bisection) with training accuracy <= target_accuracy."""
     lo, hi = 0.0, 1.0
     while accuracy(gradpc_target(clean, Z, y, hi, **how), Z, y) > target_accuracy:
+        checkpoint()
         lo, hi = hi, hi * 2
         if hi > 1e6:
             return 1e6
     for _ in range(iters):
+        checkpoint()
         mid = (lo + hi) / 2
         if accuracy(gradpc_target(clean, Z, y, mid, **how), Z, y) > target_accuracy:
             lo = mid
@@ -156,6 +159,7 @@ def _auto_target(ctx, params: GradPCParams, epsilon: float, seed: int, norm: flo
     rows = []
     for corrupt, refit in modes:
         for r in AUTO_RELATIVE_STEPS:
+            checkpoint()
             t = gradpc_target(ctx.clean_head, Z, y, r * norm, corrupt, refit)
             G = objective_gradient(t, Z, y, lam, N + n)
             zeta, _ = gradient_canceling(

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.catalogue import HeadRecipe
+from attacks.progress import checkpoint
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Head:
 def accuracy(head: Head, Z: torch.Tensor, y: torch.Tensor, chunk: int = 65_536) -> float:
     correct = 0
     for i in range(0, Z.shape[0], chunk):
+        checkpoint()
         correct += (head.logits(Z[i : i + chunk]).argmax(1) == y[i : i + chunk]).sum().item()
     return correct / max(Z.shape[0], 1)
 
@@ -73,6 +75,7 @@ def summed_gradient(head: Head, Z: torch.Tensor, y: torch.Tensor, chunk: int = 6
     GW = torch.zeros_like(head.W)
     Gb = torch.zeros_like(head.b)
     for i in range(0, Z.shape[0], chunk):
+        checkpoint()
         _, R = residuals(head, Z[i : i + chunk], y[i : i + chunk])
         GW += R.T @ Z[i : i + chunk]
         Gb += R.sum(0)
@@ -200,6 +203,7 @@ def refit_bias(head: Head, Z: torch.Tensor, y: torch.Tensor, iters: int = 200) -
                             line_search_fn="strong_wolfe")
 
     def closure():
+        checkpoint()
         opt.zero_grad(set_to_none=False)
         loss = F.cross_entropy(logits + b, y, reduction="sum")
         loss.backward()
@@ -243,6 +247,7 @@ def _lbfgs(Z, y, K, recipe: HeadRecipe, scale: float, init: Head | None, progres
     evals = [0]
 
     def closure():
+        checkpoint()
         opt.zero_grad(set_to_none=False)
         loss = F.cross_entropy(torch.addmm(b, Zn, W.T), y)
         if lam:
@@ -279,6 +284,7 @@ def _sgd(Z: torch.Tensor, y: torch.Tensor, K: int, recipe: HeadRecipe, seed: int
             progress(epoch / recipe.epochs)
         perm = torch.randperm(n, generator=gen).to(Z.device)
         for i in range(0, n, recipe.batch_size):
+            checkpoint()
             idx = perm[i : i + recipe.batch_size]
             Zb = Z[idx]
             _, R = residuals(Head(W, b), Zb, y[idx])
@@ -316,7 +322,8 @@ def fit_head(
     of ``Z``; evaluations on poisoned sets pass the clean one, so poisons cannot move lambda).
     Strongly convex, so the answer does not depend on ``init`` (a warm start) or the budget.
     sgd: the reference protocol (plim): zero init, mini-batch SGD on mean CE, ``recipe.epochs``.
-    ``progress(fraction)`` is called between iterations and may raise to stop the fit.
+    ``progress(fraction)`` is called between iterations and may raise to stop the fit; every
+    iteration (each SGD batch, each L-BFGS evaluation) also reaches :func:`attacks.progress.checkpoint`.
     Non-finite weights raise FloatingPointError: never a silent NaN head.
     """
     recipe = recipe or HeadRecipe()

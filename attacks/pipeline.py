@@ -33,7 +33,7 @@ from attacks.defences import DefenceConfig, run_defences
 from attacks.errors import AttackDiverged
 from attacks.features import FeatureCache, extract_features, resolve_device
 from attacks.head import Head, accuracy, feature_scale, fit_head, l2_strength
-from attacks.progress import Cancelled, ProgressFn
+from attacks.progress import Cancelled, ProgressFn, checkpoint, checks
 from attacks.registry import resolve
 
 __all__ = [
@@ -231,6 +231,7 @@ def poison_statistics(
         rows: dict[str, list[torch.Tensor]] = {"linf": [], "l2": [], "linf_to_base": [], "l2_to_base": []}
         out_unit = out_clean = 0
         for i in range(0, n, chunk):
+            checkpoint()
             flat = poisons[i : i + chunk].reshape(-1, poisons[0].numel()).float()
             rows["linf"].append(flat.abs().amax(1))
             rows["l2"].append(flat.norm(dim=1))
@@ -302,7 +303,22 @@ def run_job(
     opts, attack_params = validate_job(attack, epsilon, beta, params, seed, device, head)
     defence_config = DefenceConfig() if defences is True else (defences or None)
     torch.manual_seed(opts.seed)
-    report = progress or (lambda s, f: None)
+    user = progress or (lambda s, f: None)
+    last: list = [None, 0.0]
+
+    def report(stage: str, fraction: float) -> None:
+        last[0], last[1] = stage, fraction
+        user(stage, fraction)
+
+    # Loops without a callback of their own (head fits in sweeps, defences, evaluation) reach the
+    # caller's callback through attacks.progress.checkpoint, with the latest stage and fraction.
+    with checks(lambda: last[0] is not None and user(last[0], last[1])):
+        return _run_job(opts, attack_params, defence_config, report, encoder=encoder, dataset=dataset, amp=amp,
+                        cache_dir=cache_dir, cache=cache, stage_cache=stage_cache)
+
+
+def _run_job(opts, attack_params, defence_config, report, *, encoder, dataset, amp, cache_dir, cache,
+             stage_cache) -> JobResult:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     cache = cache or FeatureCache(cache_dir)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from attacks import specs
 from attacks.encoders import Encoder, EncoderSpec, build_encoder, freeze
-from attacks.progress import ProgressFn, scaled
+from attacks.progress import ProgressFn, checkpoint, scaled
 
 __all__ = ["SimCLRConfig", "pretrain_simclr", "augment", "nt_xent", "encode", "linear_probe_accuracy"]
 
@@ -208,6 +208,7 @@ def pretrain_simclr(
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=generator, device=device)
         for i in range(steps_per_epoch):
+            checkpoint()
             xb = data[order[i * batch : (i + 1) * batch]]
             views = torch.cat([augment(xb, config, generator), augment(xb, config, generator)])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

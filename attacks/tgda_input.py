@@ -82,7 +82,7 @@ from attacks.errors import AttackDiverged
 from attacks.gc_feature import choose_subset, n_poisons
 from attacks.gc_input import ChunkedEncoder, constrain
 from attacks.head import Head, accuracy, hvp, residuals, summed_gradient
-from attacks.progress import ProgressFn
+from attacks.progress import ProgressFn, checkpoint
 
 __all__ = ["attacker_grad_autograd", "conjugate_gradient", "mixed_cotangent", "run", "tgda", "total_derivative_features"]
 
@@ -109,6 +109,7 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     rr = (r * r).sum()
     b2 = rr.item()
     for _ in range(iters):
+        checkpoint()
         if rr.item() <= tol * tol * max(b2, 1e-300):
             break
         Ap = matvec(p)
@@ -244,6 +245,7 @@ class _Follower:
         if self.kind == "gd":
             n_tot = self.Z_tr.shape[0] + Zp.shape[0]
             for _ in range(steps):
+                checkpoint()
                 g1 = summed_gradient(head, self.Z_tr, self.y_tr)
                 g2 = summed_gradient(head, Zp, yp)
                 gW = (g1.W + g2.W) / n_tot + self.lam * head.W
@@ -259,6 +261,7 @@ class _Follower:
                                 tolerance_grad=self.tol, tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
         def closure():
+            checkpoint()
             opt.zero_grad(set_to_none=False)
             loss = torch.nn.functional.cross_entropy(torch.addmm(b, Zn, W.T), y)
             if lam_n:
@@ -343,10 +346,12 @@ def tgda(
     gmax = 0.0
     t = 0
     while t < epochs:
+        checkpoint()
         if progress:
             progress(t / epochs)
         ok = True
         for bi, sl in enumerate(batches):
+            checkpoint()
             Zb_cpu, vjp = enc.features_with_vjp(nu[sl])
             Zb = Zb_cpu.to(hd)
             ok = bool(torch.isfinite(Zb).all())

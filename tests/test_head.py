@@ -179,3 +179,42 @@ def test_train_head_rejects_non_finite():
     y = torch.zeros(10, dtype=torch.long)
     with pytest.raises(FloatingPointError):
         train_head(Z, y, 2, HeadRecipe(optimizer="sgd", epochs=1))
+
+
+# ------------------------------------------------------------------ the cancel check (#13)
+@pytest.mark.parametrize("recipe", [HeadRecipe(optimizer="sgd", epochs=1000, batch_size=1), HeadRecipe(tol=1e-12)],
+                         ids=["sgd", "lbfgs"])
+def test_head_fits_reach_the_cancel_check_within_an_epoch_or_iteration(recipe):
+    """A head fit stops at the installed check, mid-epoch for SGD (batch size 1) and mid-run for L-BFGS:
+    no progress callback is needed (a victim fit in a sweep has none)."""
+    from attacks.head import fit_head
+    from attacks.progress import Cancelled, checks
+
+    Z, y, _ = _problem(n=200, d=8, K=5)
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 5:
+            raise Cancelled("stop")
+
+    with checks(check, interval=0), pytest.raises(Cancelled):
+        fit_head(Z.float(), y, 5, recipe)
+    assert len(calls) == 5
+
+
+def test_bias_refit_and_accuracy_reach_the_cancel_check():
+    from attacks.head import refit_bias
+    from attacks.progress import Cancelled, checks
+
+    Z, y, head = _problem()
+
+    def stop():
+        raise Cancelled("stop")
+
+    with checks(stop, interval=0):
+        with pytest.raises(Cancelled):
+            refit_bias(head, Z.float(), y)
+        with pytest.raises(Cancelled):
+            accuracy(head, Z, y)
+    assert 0 <= accuracy(head, Z, y) <= 1  # no check installed: nothing happens

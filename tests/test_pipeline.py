@@ -385,3 +385,19 @@ def test_same_label_pairing_keeps_the_labels_gc_computed_zeta_for(tiny_encoder, 
     r = run_job(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=0.1,
                 params={**TINY["feature_matching"], "pairing": "nearest_same_label"}, device="cpu")
     assert r.metrics["labels_changed_by_pairing"] == 0
+
+
+def test_a_gradpc_sweep_without_progress_of_its_own_reaches_the_callback(tiny_encoder, digits_small):
+    """GradPC's step sweep (short GC runs and victim fits, none with a callback) still reaches the
+    caller's callback, re-reporting the latest stage, so a cancel stops it there (#13)."""
+    seen = []
+
+    def cancel_in_the_sweep(stage, fraction):
+        seen.append((stage, fraction))
+        if seen.count(("clean_head", 1.0)) > 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        run_job(encoder=tiny_encoder, dataset=digits_small, attack="gradpc", beta=None, defences=False,
+                head={"optimizer": "sgd", "epochs": 200, "batch_size": 1}, device="cpu", progress=cancel_in_the_sweep)
+    assert ("evaluation", 1.0) not in seen

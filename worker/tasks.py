@@ -2,7 +2,9 @@
 
 Enqueued by name from the API (``app.queue.TASK_*``). Transient database errors at
 the start are retried with backoff; everything the engine raises ends the job
-``failed`` with its message (see :class:`worker.runner.JobRun`).
+``failed`` with its message (see :class:`worker.runner.JobRun`). The work of a job runs in a
+child process that the worker kills on the time limit or an unheeded cancel
+(:meth:`worker.runner.JobRun.isolated`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ def run_job(self, job_id: str) -> str:
     if run is None:
         return "skipped"
     with run:
-        encoder, dataset = steps.load_inputs(run)
-        result = steps.run_engine(run, encoder, dataset)
-        steps.store_result(run, result)
+        run.isolated(attack_body)
     return run.status
+
+
+def attack_body(run: JobRun) -> None:
+    """What an attack job does (in its own process)."""
+    encoder, dataset = steps.load_inputs(run)
+    result = steps.run_engine(run, encoder, dataset)
+    steps.store_result(run, result)
 
 
 @celery_app.task(name=TASK_PRETRAIN, **_retry)
@@ -37,9 +44,14 @@ def pretrain_encoder(self, job_id: str) -> str:
     if run is None:
         return "skipped"
     with run:
-        encoder, seconds = steps.pretrain(run)
-        steps.store_pretrained(run, encoder, seconds)
+        run.isolated(pretrain_body)
     return run.status
+
+
+def pretrain_body(run: JobRun) -> None:
+    """What a pre-training job does (in its own process)."""
+    encoder, seconds = steps.pretrain(run)
+    steps.store_pretrained(run, encoder, seconds)
 
 
 @celery_app.task(name=TASK_CHECK_ENCODER, **_retry)

@@ -204,6 +204,45 @@ def test_killed_worker_job_is_requeued_and_finishes(a, stack):
         assert done["attempts"] == 2 and done["worker"].startswith("w2@")
 
 
+ENDLESS = {"attack": "gradpc", "defences": False,
+           "head": {"optimizer": "sgd", "epochs": 10000, "batch_size": 1}}  # valid, and hours of SGD steps
+
+
+def test_a_job_past_its_time_limit_fails_and_the_next_one_runs(a, stack):
+    """#13: a worker with a 20 s limit ends the issue's job failed on time (its head fit stopped at
+    the limit or its process killed), then runs the next job; a cancel ends such a job at once."""
+    for p in stack["procs"]:
+        if p.name.startswith("w") and p.alive():  # w2 (w1 was killed): this worker alone takes jobs now
+            p.stop()
+    env = {**stack["env"], "POISONAUDIT_JOB_TIME_LIMIT_S": "20", "POISONAUDIT_JOB_KILL_GRACE_S": "3"}
+    w3 = start_worker("w3", env, stack["logs"])
+    stack["procs"].append(w3)
+    stack["workers"]["w3"] = w3
+    job = submit(a, stack, {}, **ENDLESS)
+    wait_for(lambda: a.get(f"/v1/jobs/{job['id']}").json()["status"] != "queued", 90, "the long job to start")
+    t0 = time.monotonic()
+    done = wait_job(a, job["id"], timeout=120)
+    assert done["status"] == "failed" and done["error"] == "time limit exceeded (20s)", done
+    assert time.monotonic() - t0 < 20 + 30 and done["duration_s"] < 20 + 15
+    assert "log.txt" in {x["name"] for x in done["artifacts"]}
+    # GC in feature space whose step sweep (short GC runs and victim fits, no progress of their own)
+    # runs ~10 x 100000 GC steps: stopped inside the sweep, not after it
+    sweep = submit(a, stack, {"auto_gc_steps": 100000, "gc_steps": 100000, "stop_loss": 0}, attack="gc_feature")
+    done = wait_job(a, sweep["id"], timeout=120)
+    assert done["status"] == "failed" and done["error"] == "time limit exceeded (20s)", done
+    assert done["duration_s"] < 20 + 15
+    nxt = wait_job(a, submit(a, stack, FAST)["id"], timeout=120)
+    assert nxt["status"] == "succeeded" and nxt["worker"].startswith("w3@"), nxt
+
+    job = submit(a, stack, {}, **{**ENDLESS, "seed": 1})
+    wait_for(lambda: a.get(f"/v1/jobs/{job['id']}").json()["progress"]["stage"] not in (None, "starting", "loading"),
+             90, "the long job to make progress")
+    t0 = time.monotonic()
+    assert a.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    done = wait_job(a, job["id"], timeout=30)
+    assert done["status"] == "cancelled" and time.monotonic() - t0 < 15
+
+
 def test_metrics(a, stack):
     text = httpx.get(stack["base"] + "/metrics").text
     assert re.search(r'poisonaudit_jobs\{kind="attack",status="succeeded"\} [1-9]', text)

@@ -3,6 +3,7 @@ SQLite database and a local object store under tmp."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -13,6 +14,8 @@ from sqlalchemy import select
 
 from app.db import dispose_engines, new_session, utcnow
 from app.models import Artifact, Dataset, Encoder, Job
+
+from .helpers import REPO
 
 
 @pytest.fixture
@@ -100,11 +103,13 @@ def test_a_job_without_defences_skips_them(env):
     assert job.metrics["n_poisons"] > 0 and "defences" not in job.metrics
 
 
-def test_the_worker_passes_the_precision_to_the_engine(env, monkeypatch):
+def test_the_worker_passes_the_precision_to_the_engine(env, configure, monkeypatch):
     """bf16 reaches run_job as amp=True (fp32 as False); on the CPU autocast is a no-op, and the
-    result says what ran (metrics["bf16"] False)."""
+    result says what ran (metrics["bf16"] False). In-process, so that the spy sees the calls."""
     import attacks.pipeline
     from worker.tasks import run_job
+
+    configure(job_isolation=False)
 
     seen = []
     real = attacks.pipeline.run_job
@@ -146,10 +151,12 @@ def test_features_are_cached_in_the_object_store_across_workers(env):
     assert (engine_dir / "decoders" / "abc123.safetensors").read_bytes() == b"decoder"
 
 
-def test_engine_error_fails_the_job_with_its_message_and_keeps_the_log(env, monkeypatch):
+def test_engine_error_fails_the_job_with_its_message_and_keeps_the_log(env, configure, monkeypatch):
     from attacks.errors import AttackDiverged
     from worker import steps
     from worker.tasks import run_job
+
+    configure(job_isolation=False)  # in-process: the patched step is this process's
 
     def diverge(run, encoder, dataset):
         run.progress("attack", 0.5)
@@ -338,6 +345,7 @@ def test_reaper_requeues_then_fails_with_the_reason(env, configure):
     assert _get(retry).status == "queued" and "lost" in _get(retry).error and "attempt 2 of 2" in _get(retry).error
     assert _get(spent).status == "failed" and "no heartbeat" in _get(spent).error and "2 attempt" in _get(spent).error
     assert _get(cancelled).status == "cancelled"
+    assert all("w@h" not in _get(j).error for j in (retry, spent, cancelled))  # the worker stays in the server log
     with new_session() as db:
         assert reap_stale_jobs(db, q, s) == {}
         assert reap_worker_orphans(db, q, "w@h") == {str(fresh): "requeued"}
@@ -385,3 +393,125 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(env, configure):
     with new_session() as db:  # just re-sent: not again until queued_resend_s has passed
         assert resend_stale_queued(db, q, s) == {}
     assert {_get(j).status for j in (recent, cancelled, done)} == {"queued", "succeeded"}
+
+
+# ------------------------------------------------------------------ limits the engine does not see (#13)
+def _sleep_body(run):
+    """A job stuck where no check reaches (a C call): only the worker can end it."""
+    run.progress("stuck", 0.0)
+    time.sleep(30)
+
+
+def _claimed(env, **kw):
+    from worker.runner import JobRun
+
+    jid = _job(env, **kw)
+    return jid, JobRun.claim(str(jid), "w@test")
+
+
+def test_the_worker_kills_a_job_past_its_hard_time_limit(env, configure):
+    configure(job_time_limit_s=2)
+    jid, run = _claimed(env)
+    t0 = time.monotonic()
+    with run:
+        run.isolated(_sleep_body)
+    job = _get(jid)
+    assert job.status == "failed" and job.error == "time limit exceeded (2s)"
+    assert time.monotonic() - t0 < 20  # not the 30 s the body sleeps
+    assert "log.txt" in _artifacts(jid)
+
+
+def test_the_worker_kills_a_job_that_ignores_its_cancel(env, configure):
+    configure(job_kill_grace_s=1)
+    jid, run = _claimed(env)
+    t = _cancel_when_running(jid, after=0.2)
+    t0 = time.monotonic()
+    with run:
+        run.isolated(_sleep_body)
+    t.join(5)
+    job = _get(jid)
+    assert job.status == "cancelled" and job.error == "cancelled on request"
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_long_sgd_head_fit_is_stopped_by_the_time_limit(env, configure):
+    """The issue's job: an SGD recipe with batch size 1 and 10000 epochs (hours), under a 15 s limit."""
+    from worker.tasks import run_job
+
+    configure(job_time_limit_s=15)
+    jid = _job(env, attack="gradpc", params={}, beta=None, defences=False,
+               head={"optimizer": "sgd", "epochs": 10000, "batch_size": 1})
+    t0 = time.monotonic()
+    assert run_job(str(jid)) == "failed"
+    job = _get(jid)
+    assert job.error == "time limit exceeded (15s)" and time.monotonic() - t0 < 45
+    assert job.progress_stage == "clean_head"  # stopped inside the head fit
+
+
+def test_the_default_soft_limit_leaves_most_of_the_limit():
+    from app.settings import Settings
+
+    assert Settings(job_time_limit_s=20).job_soft_time_limit_s == 18
+    assert Settings(job_time_limit_s=61).job_soft_time_limit_s == pytest.approx(54.9)
+    assert Settings(job_time_limit_s=6 * 3600).job_soft_time_limit_s == 6 * 3600 - 60
+    for limit in (1, 2, 10, 60, 61, 120, 600, 3600):
+        assert 0.5 * limit <= Settings(job_time_limit_s=limit).job_soft_time_limit_s < limit
+
+
+# ------------------------------------------------------------------ the job's log is the job's (#13)
+@pytest.mark.parametrize("isolation", [True, False])
+def test_a_jobs_log_holds_its_own_lines_only(env, configure, isolation):
+    import logging
+
+    from worker.tasks import run_job
+
+    configure(job_isolation=isolation)
+    other = uuid.uuid4()
+    stop = threading.Event()
+
+    def reaper_like():  # another thread of the worker logging about another team's job meanwhile
+        while not stop.is_set():
+            logging.getLogger("app.reaper").warning("job %s: worker lost -> requeued", other)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=reaper_like, daemon=True)
+    t.start()
+    try:
+        jid = _job(env, defences=False)
+        assert run_job(str(jid)) == "succeeded"
+    finally:
+        stop.set()
+        t.join(5)
+    text = env["store"].local_path(_artifacts(jid)["log.txt"].key).read_text()
+    assert f"job {jid}" in text and "stage" in text
+    assert str(other) not in text and "app.reaper" not in text
+
+
+def test_errors_and_logs_carry_no_server_paths_or_host_names(env):
+    """A dataset that is no npz fails the job with the loader's reason, which names the worker's
+    cache file: the job's error and log show its name only; the traceback stays in the server log."""
+    import socket
+
+    from app.storage import dataset_key
+    from worker.tasks import run_job
+
+    store, team = env["store"], env["team"]
+    bad = env["settings"].data_dir / "bad.npz"
+    bad.write_bytes(b"not a zip archive at all")
+    with new_session() as db:
+        ds = Dataset(team_id=team.id, name="bad", key="", sha256="", size=0, summary={})
+        db.add(ds)
+        db.flush()
+        st = store.put_file(dataset_key(team.id, ds.id), bad)
+        ds.key, ds.sha256, ds.size = st.key, st.sha256, st.size
+        db.commit()
+    jid = _job(env, dataset=str(ds.id), dataset_id=ds.id)
+    assert run_job(str(jid)) == "failed"
+    job = _get(jid)
+    log_text = store.local_path(_artifacts(jid)["log.txt"].key).read_text()
+    assert f"{st.sha256}.npz" in job.error  # the reason still says which file
+    for text in (job.error, log_text):
+        assert str(env["settings"].data_dir) not in text and "/tmp" not in text and "/work" not in text
+        assert f"{socket.gethostname()}:{os.getpid()}" not in text and str(REPO) not in text  # the worker's id
+        assert "Traceback" not in text and ".py" not in text
+    assert "failed" in log_text
