@@ -218,7 +218,7 @@ def input_gradient_canceling(
     halvings, done = 0, 0
     adam = AdamDirection() if optimizer == "adam" else None
     window = max(10, steps // 20)
-    mult, checkpoint = 1.0, math.inf
+    mult, mark = 1.0, math.inf
 
     def back_off() -> bool:
         """Halve the step and restart from the best iterate; False once the step is negligible."""
@@ -250,8 +250,8 @@ def input_gradient_canceling(
         if gc < stop_loss:
             break
         if t > 0 and t % window == 0:
-            stalled = best[0] > 0.99 * checkpoint
-            checkpoint = best[0]
+            stalled = best[0] > 0.99 * mark
+            mark = best[0]
             if stalled:
                 if not back_off():
                     break
