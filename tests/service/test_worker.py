@@ -41,6 +41,18 @@ def env(configure, tiny_encoder_dir):
     dispose_engines()
 
 
+def _stored_dataset(db, store, team, name: str, path) -> Dataset:
+    """A dataset row of ``team`` whose file ``path`` is in the store (flushed, not committed)."""
+    from app.storage import dataset_key
+
+    ds = Dataset(team_id=team.id, name=name, key="", sha256="", size=0, summary={})
+    db.add(ds)
+    db.flush()
+    st = store.put_file(dataset_key(team.id, ds.id), path)
+    ds.key, ds.sha256, ds.size = st.key, st.sha256, st.size
+    return ds
+
+
 def _job(env, **kw) -> uuid.UUID:
     fields = dict(team_id=env["team"].id, kind="attack", status="queued", attack="feature_matching",
                   encoder_id=env["encoder"].id, dataset="digits", epsilon=0.03, beta=0.25, seed=0, device="cpu",
@@ -271,16 +283,12 @@ def test_check_encoder_accepts_fitting_weights_and_refuses_others_with_the_reaso
 
 
 def test_pretrain_task_produces_a_ready_encoder(env, digits_npz):
-    from app.storage import dataset_key, encoder_key
+    from app.storage import encoder_key
     from worker.tasks import pretrain_encoder
 
     store, team = env["store"], env["team"]
     with new_session() as db:
-        ds = Dataset(team_id=team.id, name="d", key="", sha256="", size=0, summary={})
-        db.add(ds)
-        db.flush()
-        st = store.put_file(dataset_key(team.id, ds.id), digits_npz)
-        ds.key, ds.sha256, ds.size = st.key, st.sha256, st.size
+        ds = _stored_dataset(db, store, team, "d", digits_npz)
         enc = Encoder(team_id=team.id, name="p", architecture="small_cnn",
                       spec={"arch": "small_cnn", "in_channels": 1, "width": 4}, source="pretrain", status="pending")
         db.add(enc)
@@ -492,24 +500,20 @@ def test_errors_and_logs_carry_no_server_paths_or_host_names(env):
     cache file: the job's error and log show its name only; the traceback stays in the server log."""
     import socket
 
-    from app.storage import dataset_key
     from worker.tasks import run_job
 
     store, team = env["store"], env["team"]
     bad = env["settings"].data_dir / "bad.npz"
     bad.write_bytes(b"not a zip archive at all")
     with new_session() as db:
-        ds = Dataset(team_id=team.id, name="bad", key="", sha256="", size=0, summary={})
-        db.add(ds)
-        db.flush()
-        st = store.put_file(dataset_key(team.id, ds.id), bad)
-        ds.key, ds.sha256, ds.size = st.key, st.sha256, st.size
+        ds = _stored_dataset(db, store, team, "bad", bad)
+        sha = ds.sha256
         db.commit()
     jid = _job(env, dataset=str(ds.id), dataset_id=ds.id)
     assert run_job(str(jid)) == "failed"
     job = _get(jid)
     log_text = store.local_path(_artifacts(jid)["log.txt"].key).read_text()
-    assert f"{st.sha256}.npz" in job.error  # the reason still says which file
+    assert f"{sha}.npz" in job.error  # the reason still says which file
     for text in (job.error, log_text):
         assert str(env["settings"].data_dir) not in text and "/tmp" not in text and "/work" not in text
         assert f"{socket.gethostname()}:{os.getpid()}" not in text and str(REPO) not in text  # the worker's id
