@@ -178,7 +178,9 @@ def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settin
     with that key is a 422), so a retry never fans out a second grid of jobs."""
     req_hash = job_service.request_hash(body)
     if idempotency_key and (existing := job_service.by_idempotency_key(session, Audit, team, idempotency_key)) is not None:
-        return job_service.replay(existing, req_hash), False
+        job_service.replay(existing, req_hash)
+        job_service.send_unsent(session, queue, Job.audit_id == existing.id)
+        return existing, False
     planned, betas = plan(body, settings)
     job_service.check_encoder_usable(session, team, body.encoder)
     ds = job_service.resolve_dataset(session, team, settings, body.dataset)
@@ -214,6 +216,7 @@ def create_audit(session: Session, queue: JobQueue, team: Team, settings: Settin
         session.execute(delete(Audit).where(Audit.id == audit.id))
         session.commit()
         raise unavailable() from exc
+    job_service.mark_sent(session, [job.id for job in jobs])
     return audit, True
 
 

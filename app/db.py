@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
 from starlette.concurrency import run_in_threadpool
@@ -14,8 +18,47 @@ from starlette.concurrency import run_in_threadpool
 from app.settings import get_settings
 
 
+log = logging.getLogger("app.db")
+T = TypeVar("T")
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for an error that says the database is unreachable (not for a bad statement)."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated))
+
+
+def retry_db(fn: Callable[[], T], *, what: str, budget_s: float | None = None,
+             max_interval_s: float | None = None, sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, tried again with exponential backoff (0.5 s doubling, at most ``max_interval_s``)
+    while the database is unreachable, for up to ``budget_s`` (the settings' ``db_outage_s`` and
+    ``db_retry_max_interval_s`` by default); the last outage error is raised past it. ``fn`` must be
+    safe to repeat: one transaction that either committed or did not."""
+    s = get_settings()
+    budget = s.db_outage_s if budget_s is None else budget_s
+    cap = s.db_retry_max_interval_s if max_interval_s is None else max_interval_s
+    start, delay, tries = time.monotonic(), 0.5, 0
+    while True:
+        try:
+            out = fn()
+        except Exception as exc:
+            tries += 1
+            waited = time.monotonic() - start
+            if not is_outage(exc) or waited + min(delay, cap) > budget:
+                raise
+            if tries == 1:
+                log.warning("%s: database unreachable (%s); retrying for up to %gs", what,
+                            type(exc).__name__, budget)
+            sleep(min(delay, cap))
+            delay *= 2
+            continue
+        if tries:
+            log.warning("%s: database back after %d failed tries (%.1fs)", what, tries, time.monotonic() - start)
+        return out
 
 
 class UTCDateTime(TypeDecorator):

@@ -127,8 +127,10 @@ def resolve_dataset(session: Session, team: Team, settings: Settings, ref: str) 
 
 
 def submit(session: Session, queue: JobQueue, job: Job) -> Job:
-    """Commits the job, then enqueues it by name; if the broker is down the job is
-    removed again and the client gets 503 (so a retry with the same key starts afresh)."""
+    """Commits the job, then enqueues it by name and records when (``enqueued_at``); if the broker
+    is down the job is removed again and the client gets 503 (so a retry with the same key starts
+    afresh). A job left with no ``enqueued_at`` was never sent (this process died in between):
+    a retry with its Idempotency-Key sends it (:func:`send_unsent`), and so does the reaper."""
     session.add(job)
     session.commit()
     try:
@@ -138,7 +140,40 @@ def submit(session: Session, queue: JobQueue, job: Job) -> Job:
         session.delete(job)
         session.commit()
         raise unavailable() from exc
+    mark_sent(session, [job.id])
     return job
+
+
+def mark_sent(session: Session, job_ids: list[uuid.UUID]) -> None:
+    """Records that these jobs' messages went to the broker (those still without a time)."""
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids), Job.enqueued_at.is_(None))
+                        .values(enqueued_at=utcnow()).execution_options(synchronize_session=False))
+        session.commit()
+
+
+def send_unsent(session: Session, queue: JobQueue, *criteria) -> int:
+    """Sends the queued jobs matching ``criteria`` whose message was never sent; each is claimed by
+    a conditional UPDATE first, so concurrent retries send it once. Returns how many were sent."""
+    ids = list(session.scalars(select(Job.id).where(*criteria, Job.status == JobStatus.queued,
+                                                    Job.enqueued_at.is_(None))))
+    sent = 0
+    for job_id in ids:
+        claim = update(Job).where(Job.id == job_id, Job.status == JobStatus.queued, Job.enqueued_at.is_(None))
+        if session.execute(claim.values(enqueued_at=utcnow())).rowcount != 1:
+            session.rollback()
+            continue
+        session.commit()
+        job = session.get(Job, job_id)
+        try:
+            queue.enqueue_job(job.id, job.kind, job.queue)
+        except Exception as exc:  # broker down: unmark it, the client may retry (the reaper will too)
+            session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=None))
+            session.commit()
+            raise unavailable() from exc
+        log.warning("job %s was committed but never sent (an earlier request died); sent now", job_id)
+        sent += 1
+    return sent
 
 
 def create_attack_job(session: Session, queue: JobQueue, team: Team, settings: Settings, body: JobCreate,
@@ -146,7 +181,10 @@ def create_attack_job(session: Session, queue: JobQueue, team: Team, settings: S
     """Returns (job, created). A retried submission with the same key returns the same job."""
     req_hash = request_hash(body)
     if idempotency_key and (existing := by_idempotency_key(session, Job, team, idempotency_key)) is not None:
-        return replay(existing, req_hash), False
+        replay(existing, req_hash)
+        if send_unsent(session, queue, Job.id == existing.id):
+            session.refresh(existing)
+        return existing, False
     beta, params = validate_attack_request(body)
     check_encoder_usable(session, team, body.encoder)
     ds = resolve_dataset(session, team, settings, body.dataset)

@@ -1,15 +1,23 @@
 """A job never stays ``running`` forever: a running job whose heartbeat is older than
 ``heartbeat_timeout_s`` lost its worker. It is re-queued while attempts remain, and
 failed with the reason otherwise. Nor ``queued`` forever: a queued job whose message
-was sent over ``queued_resend_s`` ago is sent again (:func:`resend_stale_queued`). Every transition is a conditional UPDATE, so
-several API replicas (or workers) may reap concurrently without double work.
+was sent over ``queued_resend_s`` ago, or never sent (``unsent_resend_s``), is sent again
+(:func:`resend_stale_queued`). Every transition is a conditional UPDATE, so several API
+replicas (or workers) may reap concurrently without double work.
+
+A database outage stops every heartbeat at once, and is not a dead worker: the re-queue
+re-checks in its UPDATE that the heartbeat is still stale, a reaper never reaps a job its own
+process runs (:data:`local_jobs`), and after the reaper itself lost the database it holds off
+for ``reaper_outage_grace_s`` (:class:`Reaper`), so live workers' heartbeats resume first.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+import time
+import uuid
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
@@ -21,11 +29,17 @@ from app.settings import Settings
 
 log = logging.getLogger("app.reaper")
 
+# The jobs this process is running now (a worker's JobRun adds and removes its own): alive by
+# definition, whatever their heartbeat says, so this process's reaper leaves them alone.
+local_jobs: set[uuid.UUID] = set()
+
 
 def _lost(session: Session, job: Job, reason: str, queue: JobQueue, requeue_allowed: bool = True,
-          worker: str | None = None) -> str | None:
+          worker: str | None = None, stale_before: datetime | None = None) -> str | None:
     now = utcnow()
     base = update(Job).where(Job.id == job.id, Job.status == JobStatus.running, Job.attempts == job.attempts)
+    if stale_before is not None:  # a heartbeat that resumed since the SELECT saves the job
+        base = base.where(or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))
     if job.cancel_requested:
         values, action = dict(status=JobStatus.cancelled, error=f"cancelled ({reason})", finished_at=now), "cancelled"
     elif requeue_allowed and job.attempts < job.max_attempts:
@@ -59,19 +73,20 @@ def _lost(session: Session, job: Job, reason: str, queue: JobQueue, requeue_allo
 
 
 def resend_stale_queued(session: Session, queue: JobQueue, settings: Settings) -> dict[str, str]:
-    """Queued jobs whose message was sent over ``queued_resend_s`` ago are sent again, so a lost
-    message never leaves a job queued forever. Returns {job id: "resent"}."""
+    """Queued jobs whose message was sent over ``queued_resend_s`` ago, or never sent and created
+    over ``unsent_resend_s`` ago, are sent again, so a lost message never leaves a job queued
+    forever. Returns {job id: "resent"}."""
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.queued_resend_s)
-    sent = func.coalesce(Job.enqueued_at, Job.created_at)
+    unsent_cutoff = now - timedelta(seconds=settings.unsent_resend_s)
+    due = or_(Job.enqueued_at < cutoff, Job.enqueued_at.is_(None) & (Job.created_at < unsent_cutoff))
     rows = list(session.scalars(select(Job).where(
-        Job.status == JobStatus.queued, Job.cancel_requested.is_(False), sent < cutoff).limit(500)))
+        Job.status == JobStatus.queued, Job.cancel_requested.is_(False), due).limit(500)))
     session.rollback()
     out = {}
     for job in rows:
         # claim the resend (several API replicas may run this pass at once)
-        claim = update(Job).where(Job.id == job.id, Job.status == JobStatus.queued,
-                                  func.coalesce(Job.enqueued_at, Job.created_at) < cutoff).values(enqueued_at=now)
+        claim = update(Job).where(Job.id == job.id, Job.status == JobStatus.queued, due).values(enqueued_at=now)
         if session.execute(claim).rowcount != 1:
             session.rollback()
             continue
@@ -88,7 +103,7 @@ def resend_stale_queued(session: Session, queue: JobQueue, settings: Settings) -
 
 
 def reap_stale_jobs(session: Session, queue: JobQueue, settings: Settings) -> dict[str, str]:
-    """One pass; returns {job id: action}."""
+    """One pass; returns {job id: action}. Jobs of :data:`local_jobs` are skipped."""
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.heartbeat_timeout_s)
     stale = list(session.scalars(select(Job).where(
@@ -98,10 +113,12 @@ def reap_stale_jobs(session: Session, queue: JobQueue, settings: Settings) -> di
     session.rollback()
     out = {}
     for job in stale:
+        if job.id in local_jobs:
+            continue
         last = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
         # The job's error is the client's: it does not name the worker (host:pid); the server log does.
         reason = f"worker lost: no heartbeat for over {settings.heartbeat_timeout_s:g}s (last {last})"
-        action = _lost(session, job, reason, queue, worker=job.worker)
+        action = _lost(session, job, reason, queue, worker=job.worker, stale_before=cutoff)
         if action:
             out[str(job.id)] = action
     return out
@@ -121,21 +138,47 @@ def reap_worker_orphans(session: Session, queue: JobQueue, hostname: str) -> dic
 
 
 class Reaper(threading.Thread):
-    """Runs :func:`reap_stale_jobs` every ``reaper_interval_s`` in a daemon thread."""
+    """Runs :meth:`tick` every ``reaper_interval_s`` in a daemon thread.
 
-    def __init__(self, settings: Settings, queue_getter, session_factory):
+    A failed pass, or a gap between two passes of over twice the interval (the process was
+    stopped, a connect hung), means this reaper may have missed an outage that stopped every
+    heartbeat; it then re-queues nothing for ``reaper_outage_grace_s`` from the first pass that
+    reaches the database again (re-sending queued messages goes on)."""
+
+    def __init__(self, settings: Settings, queue_getter, session_factory, clock=time.monotonic):
         super().__init__(name="poisonaudit-reaper", daemon=True)
         self.settings, self.queue_getter, self.session_factory = settings, queue_getter, session_factory
         self.stopped = threading.Event()
+        self.clock = clock
+        self.last_ok = clock()
+        self.failed = False
+        self.hold_until = float("-inf")
 
     def run(self) -> None:
         while not self.stopped.wait(self.settings.reaper_interval_s):
-            try:
-                with self.session_factory() as session:
-                    reap_stale_jobs(session, self.queue_getter(), self.settings)
-                    resend_stale_queued(session, self.queue_getter(), self.settings)
-            except Exception as exc:  # keep reaping after a database hiccup
-                log.warning("reaper pass failed: %s", exc)
+            self.tick()
+
+    def tick(self) -> dict[str, str]:
+        """One pass: {job id: action}, {} when it failed or held off."""
+        try:
+            with self.session_factory() as session:
+                session.execute(select(1))
+                now = self.clock()
+                if self.failed or now - self.last_ok > 2 * self.settings.reaper_interval_s + 5:
+                    self.hold_until = now + self.settings.reaper_outage_grace_s
+                    log.warning("reaper: the database is back after an outage; no job is re-queued "
+                                "for %gs", self.settings.reaper_outage_grace_s)
+                self.failed = False
+                out = {}
+                if now >= self.hold_until:
+                    out = reap_stale_jobs(session, self.queue_getter(), self.settings)
+                out.update(resend_stale_queued(session, self.queue_getter(), self.settings))
+            self.last_ok = self.clock()
+            return out
+        except Exception as exc:  # keep reaping after a database hiccup
+            self.failed = True
+            log.warning("reaper pass failed: %s", exc)
+            return {}
 
     def stop(self) -> None:
         self.stopped.set()

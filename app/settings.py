@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     # persistence). Workers claim conditionally, so a duplicate message is a no-op.
     queued_resend_s: float = Field(3600.0, gt=0)
     reaper_interval_s: float = Field(15.0, gt=0)
+    # After the reaper lost the database (a failed pass, or a gap between passes), it re-queues no job
+    # for this long once the database is back, so that live workers' heartbeats resume first
+    # (default: the heartbeat timeout plus two heartbeats).
+    reaper_outage_grace_s: float | None = Field(None, ge=0)
+    # A queued job whose message was never sent (the API died between commit and send) is sent
+    # after this long by the reaper, and at once by a retry with the same Idempotency-Key.
+    unsent_resend_s: float = Field(30.0, gt=0)
+    # How long a worker rides out a database outage (claiming a job, its final write) before it
+    # gives the message back to the broker or the result up; retries back off to this interval.
+    db_outage_s: float = Field(300.0, ge=0)
+    db_retry_max_interval_s: float = Field(5.0, gt=0)
     reaper_enabled: bool = True
     max_attempts: int = Field(2, ge=1, le=20)
     max_audit_jobs: int = Field(200, ge=1, description="Largest fan-out of one audit (422 beyond).")
@@ -111,6 +122,8 @@ class Settings(BaseSettings):
         if self.job_soft_time_limit_s is None:
             self.job_soft_time_limit_s = soft_time_limit(self.job_time_limit_s)
         self.job_soft_time_limit_s = min(self.job_soft_time_limit_s, float(self.job_time_limit_s))
+        if self.reaper_outage_grace_s is None:
+            self.reaper_outage_grace_s = self.heartbeat_timeout_s + 2 * self.heartbeat_interval_s
         if self.visibility_timeout_s is None:
             # Longer than the longest job, so the broker never redelivers a running one.
             self.visibility_timeout_s = self.job_time_limit_s + 3600

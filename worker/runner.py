@@ -42,7 +42,8 @@ from sqlalchemy import select, update
 
 from attacks.progress import Cancelled, checks
 
-from app.db import new_session, utcnow
+from app import reaper
+from app.db import new_session, retry_db, utcnow
 from app.models import Artifact, Encoder, EncoderStatus, Job, JobKind, JobStatus
 from app.settings import get_settings
 from app.storage import artifact_key, get_store
@@ -142,6 +143,15 @@ class JobRun:
         """queued -> running for this worker, or None when the job is not ours to run."""
         me = worker_id(hostname)
         jid = uuid.UUID(job_id)
+
+        def attempt():
+            return cls._claim_once(jid, me)
+
+        job = retry_db(attempt, what=f"claiming job {job_id}")
+        return None if job is None else cls(job, me)
+
+    @staticmethod
+    def _claim_once(jid: uuid.UUID, me: str) -> Job | None:
         now = utcnow()
         with new_session() as s:
             res = s.execute(
@@ -153,10 +163,9 @@ class JobRun:
             )
             s.commit()
             if res.rowcount != 1:
-                log.info("job %s not claimable (not queued, cancelled or unknown); skipping", job_id)
+                log.info("job %s not claimable (not queued, cancelled or unknown); skipping", jid)
                 return None
-            job = s.get(Job, jid)
-        return cls(job, me)
+            return s.get(Job, jid)
 
     # ---------------------------------------------------------------- context
     def secrets(self) -> tuple[str, ...]:
@@ -177,6 +186,7 @@ class JobRun:
 
     def __enter__(self) -> "JobRun":
         self._job_token = current_job.set(self.id)
+        reaper.local_jobs.add(self.id)
         self._open_log()
         log.info("job %s (%s) attempt %d", self.id, self.job.kind, self.attempt)
         log.info("job %s runs on %s", self.id, self.worker, extra={"server_only": True})
@@ -202,9 +212,12 @@ class JobRun:
         else:
             outcome = (JobStatus.failed, public_text(f"{type(exc).__name__}: {exc}", secrets=self.secrets()))
             log.error("job %s failed", self.id, exc_info=(exc_type, exc, tb))
-        if outcome is not None:
-            self.finish(*outcome)
-        self._close_log()
+        try:
+            if outcome is not None:
+                self.finish(*outcome)
+        finally:
+            reaper.local_jobs.discard(self.id)
+            self._close_log()
         return exc is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit))
 
     def _close_log(self) -> None:
@@ -344,7 +357,8 @@ class JobRun:
     def finish(self, status: str, error: str | None = None, metrics: dict | None = None,
                artifacts: list[Artifact] = (), device_used: str | None = None, also=None) -> bool:
         """Final state, artifacts (the log always), metrics and ``also(session)`` in one
-        transaction, if this run still owns the job."""
+        transaction, if this run still owns the job. The transaction is retried while the database
+        is unreachable (:func:`app.db.retry_db`), so a result finished during an outage is kept."""
         log.info("job %s -> %s%s", self.id, status, f": {error}" if error else "")
         if self._handler is not None:
             self._handler.flush()
@@ -362,24 +376,34 @@ class JobRun:
             values["device_used"] = device_used
         if status == JobStatus.succeeded:
             values.update(progress_stage="done", progress_fraction=1.0, progress_updated_at=now)
-        with new_session() as s:
-            if s.execute(update(Job).where(*self._owned()).values(**values)).rowcount != 1:
-                s.rollback()
-                log.warning("job %s no longer owned by this run; result discarded", self.id)
-                return False
-            names = [a.name for a in arts]
-            for old in s.scalars(select(Artifact).where(Artifact.job_id == self.id, Artifact.name.in_(names))):
-                s.delete(old)
-            s.flush()
-            s.add_all(arts)
-            if self.job.kind == JobKind.pretrain and self.job.encoder_id and status != JobStatus.succeeded:
-                s.execute(update(Encoder).where(Encoder.id == self.job.encoder_id)
-                          .values(status=EncoderStatus.failed, error=error or status, updated_at=now))
-            if also is not None:
-                also(s)
-            s.commit()
+
+        def write() -> bool:
+            with new_session() as s:
+                if s.execute(update(Job).where(*self._owned()).values(**values)).rowcount != 1:
+                    s.rollback()
+                    return False
+                names = [a.name for a in arts]
+                for old in s.scalars(select(Artifact).where(Artifact.job_id == self.id, Artifact.name.in_(names))):
+                    s.delete(old)
+                s.flush()
+                # fresh rows each try: a failed try's session may have attached the others
+                s.add_all([Artifact(**{c: getattr(a, c) for c in _ARTIFACT_FIELDS}) for a in arts])
+                if self.job.kind == JobKind.pretrain and self.job.encoder_id and status != JobStatus.succeeded:
+                    s.execute(update(Encoder).where(Encoder.id == self.job.encoder_id)
+                              .values(status=EncoderStatus.failed, error=error or status, updated_at=now))
+                if also is not None:
+                    also(s)
+                s.commit()
+                return True
+
+        if not retry_db(write, what=f"job {self.id}: final write"):
+            log.warning("job %s no longer owned by this run; result discarded", self.id)
+            return False
         self.status = status
         return True
+
+
+_ARTIFACT_FIELDS = ("team_id", "job_id", "name", "content_type", "key", "sha256", "size")
 
 
 

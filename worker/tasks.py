@@ -1,7 +1,9 @@
 """Thin Celery tasks: take an id, load the row, call ``attacks``, store what came out.
 
-Enqueued by name from the API (``app.queue.TASK_*``). Transient database errors at
-the start are retried with backoff; everything the engine raises ends the job
+Enqueued by name from the API (``app.queue.TASK_*``). A database outage at the start is
+ridden out for ``db_outage_s`` (:func:`app.db.retry_db`, backoff to ``db_retry_max_interval_s``),
+after which the message goes back to the broker (``Reject(requeue=True)``), so a queued job
+is never stranded by an outage; everything the engine raises ends the job
 ``failed`` with its message (see :class:`worker.runner.JobRun`). The work of a job runs in a
 child process that the worker kills on the time limit or an unheeded cancel
 (:meth:`worker.runner.JobRun.isolated`).
@@ -9,20 +11,31 @@ child process that the worker kills on the time limit or an unheeded cancel
 
 from __future__ import annotations
 
-from sqlalchemy.exc import OperationalError
+from celery.exceptions import Reject
 
+from app.db import is_outage, retry_db
 from app.queue import TASK_CHECK_ENCODER, TASK_PRETRAIN, TASK_RUN_JOB
 from worker.celery_app import celery_app
 from worker.runner import JobRun
 from worker import steps
 
-_retry = dict(bind=True, autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60, max_retries=5)
+_task = dict(bind=True)
 
 
-@celery_app.task(name=TASK_RUN_JOB, **_retry)
+def claim(job_id: str, hostname: str | None) -> JobRun | None:
+    """:meth:`JobRun.claim`; past an outage of ``db_outage_s`` the message goes back to the broker."""
+    try:
+        return JobRun.claim(job_id, hostname)
+    except Exception as exc:
+        if is_outage(exc):
+            raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
+        raise
+
+
+@celery_app.task(name=TASK_RUN_JOB, **_task)
 def run_job(self, job_id: str) -> str:
     """Run one audit job end to end and record its metrics and poisoned set."""
-    run = JobRun.claim(job_id, self.request.hostname)
+    run = claim(job_id, self.request.hostname)
     if run is None:
         return "skipped"
     with run:
@@ -37,10 +50,10 @@ def attack_body(run: JobRun) -> None:
     steps.store_result(run, result)
 
 
-@celery_app.task(name=TASK_PRETRAIN, **_retry)
+@celery_app.task(name=TASK_PRETRAIN, **_task)
 def pretrain_encoder(self, job_id: str) -> str:
     """Pre-train an encoder with SimCLR (a job of kind ``pretrain``) and store it."""
-    run = JobRun.claim(job_id, self.request.hostname)
+    run = claim(job_id, self.request.hostname)
     if run is None:
         return "skipped"
     with run:
@@ -54,7 +67,12 @@ def pretrain_body(run: JobRun) -> None:
     steps.store_pretrained(run, encoder, seconds)
 
 
-@celery_app.task(name=TASK_CHECK_ENCODER, **_retry)
+@celery_app.task(name=TASK_CHECK_ENCODER, **_task)
 def check_encoder(self, encoder_id: str) -> str:
     """Load an uploaded checkpoint against its architecture; ready, or failed with the reason."""
-    return steps.check_encoder(encoder_id)
+    try:
+        return retry_db(lambda: steps.check_encoder(encoder_id), what=f"checking encoder {encoder_id}")
+    except Exception as exc:
+        if is_outage(exc):
+            raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
+        raise

@@ -389,15 +389,20 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(env, configure):
 
     from app.reaper import resend_stale_queued
 
-    s = configure(queued_resend_s=600)
-    lost = _job(env, status="queued", created_at=utcnow() - timedelta(seconds=3600))
-    recent = _job(env, status="queued", created_at=utcnow() - timedelta(seconds=60))
-    cancelled = _job(env, status="queued", created_at=utcnow() - timedelta(seconds=3600), cancel_requested=True)
-    done = _job(env, status="succeeded", created_at=utcnow() - timedelta(seconds=3600))
+    s = configure(queued_resend_s=600, unsent_resend_s=30)
+    hour_ago, minute_ago = utcnow() - timedelta(seconds=3600), utcnow() - timedelta(seconds=60)
+    lost = _job(env, status="queued", created_at=hour_ago, enqueued_at=hour_ago)
+    recent = _job(env, status="queued", created_at=minute_ago, enqueued_at=minute_ago)
+    unsent = _job(env, status="queued", created_at=minute_ago)  # the API died between commit and send
+    just_made = _job(env, status="queued", created_at=utcnow())  # its API may be sending it right now
+    cancelled = _job(env, status="queued", created_at=hour_ago, cancel_requested=True)
+    done = _job(env, status="succeeded", created_at=hour_ago)
     q = _Q()
     with new_session() as db:
-        assert resend_stale_queued(db, q, s) == {str(lost): "resent"}
-    assert q.sent == [str(lost)] and _get(lost).enqueued_at is not None
+        assert resend_stale_queued(db, q, s) == {str(lost): "resent", str(unsent): "resent"}
+    assert sorted(q.sent) == sorted([str(lost), str(unsent)])
+    assert _get(lost).enqueued_at > minute_ago and _get(unsent).enqueued_at is not None
+    assert _get(just_made).enqueued_at is None
     with new_session() as db:  # just re-sent: not again until queued_resend_s has passed
         assert resend_stale_queued(db, q, s) == {}
     assert {_get(j).status for j in (recent, cancelled, done)} == {"queued", "succeeded"}
