@@ -4,10 +4,11 @@ resource checks ownership and answers 404 itself, so routes never repeat it."""
 from __future__ import annotations
 
 import inspect
+import json
 import uuid
 from typing import Annotated
 
-from fastapi import Depends, Path, Request, Response, Security
+from fastapi import Depends, Path, Request, Response, Security, params
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from app.db import get_session
 from app.datasets import DatasetRefError, ResolvedDataset, resolve
 from app.models import Audit, Encoder, Job, Team
-from app.problems import not_found
+from app.problems import invalid, not_found
 from app.queue import JobQueue, get_queue
 from app.security import authenticate, require_team, unauthorized
 from app.settings import Settings, get_settings
@@ -91,14 +92,49 @@ async def _key_is_valid(request: Request, key: str) -> bool:
     return await run_in_threadpool(authenticate, made, key) is not None
 
 
+def takes_json(route: APIRoute) -> bool:
+    """Whether FastAPI parses the route's body as JSON (a body model that is not a form)."""
+    return route.body_field is not None and not isinstance(route.body_field.field_info, params.Form)
+
+
+def _json_content_type(value: str | None) -> bool:
+    """The content types FastAPI reads as JSON: none, ``application/json`` and ``application/*+json``."""
+    if not value:
+        return True
+    media = value.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _undecodable(body: bytes) -> bool:
+    """Bytes that ``json.loads`` cannot even decode to text (it answers UnicodeDecodeError, not JSONDecodeError)."""
+    try:
+        body.decode(json.detect_encoding(body), "surrogatepass")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 class KeyFirstRoute(APIRoute):
     """A route that needs a key checks it before its body is read: FastAPI reads and parses a body
     before it solves dependencies, so without this an anonymous 50 MB JSON body was parsed (and a
     multipart upload spooled) before its 401. Routing is FastAPI's own (unknown paths 404, wrong
-    methods 405, whoever asks); the ``TeamDep`` dependency still resolves the team afterwards."""
+    methods 405, whoever asks); the ``TeamDep`` dependency still resolves the team afterwards.
+
+    A JSON body that is not text (invalid UTF-8) is a 422 like any other malformed JSON: FastAPI
+    answered it with an undocumented 400 ("There was an error parsing the body")."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        if takes_json(self):
+            parse = handler
+
+            async def handler(request: Request) -> Response:
+                if _json_content_type(request.headers.get("content-type")):
+                    body = await request.body()  # cached on the request: FastAPI's handler reads it from there
+                    if body and _undecodable(body):
+                        raise invalid("body", "JSON decode error: the body is not UTF-8 text")
+                return await parse(request)
+
         if not needs_key(self):
             return handler
 

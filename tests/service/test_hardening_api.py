@@ -323,6 +323,26 @@ def test_every_route_that_needs_a_key_checks_it_before_the_body():
     assert keyed >= 17
 
 
+def test_json_bodies_that_are_not_utf8_are_422(client, team_a, ready_encoder):
+    """Invalid UTF-8 in a JSON body was FastAPI's undocumented 400 ('error parsing the body'; found by
+    tests/service/test_schemathesis.py); now the 422 of any malformed JSON. Valid bodies still pass."""
+    _, h = team_a
+    bad = b'{"name": "\xff\xfe\xfa", "attack": "feature_matching"}'
+    for path in ("/v1/jobs", "/v1/audits"):
+        for ctype in ("application/json", "application/merge-patch+json", None):
+            headers = {**h, **({"content-type": ctype} if ctype else {})}
+            p = _problem(client.post(path, content=bad, headers=headers), 422)
+            assert p["errors"] == [{"field": "body", "message": "JSON decode error: the body is not UTF-8 text"}], p
+        # malformed but decodable JSON: FastAPI's own 422, as before
+        assert _problem(client.post(path, content=b'{"name": ', headers={**h, "content-type": "application/json"}), 422)
+    # UTF-16 with its BOM is JSON that json.loads reads: not refused by the check
+    body = json.dumps(_job_body(ready_encoder.id)).encode("utf-16")
+    r = client.post("/v1/jobs", content=body, headers={**h, "content-type": "application/json"})
+    assert r.status_code == 202, r.text
+    # the key is still checked first
+    assert _problem(client.post("/v1/jobs", content=bad, headers={"content-type": "application/json"}), 401)
+
+
 # ------------------------------------------------------------------ key revocation (item 8)
 def _prefix(headers: dict[str, str]) -> str:
     from app.security import parse_prefix
