@@ -387,11 +387,14 @@ _ctx = None
 
 
 def _job_context():
-    """The forkserver context the jobs' processes come from (its server preloads the engine)."""
+    """The forkserver context the jobs' processes come from. Its server preloads the engine and what
+    a job would otherwise import afresh in every process on first use: the pipeline, scikit-learn's
+    datasets (``digits``) and ``torch._dynamo`` (which torch.optim imports when the first optimizer is
+    built), so that a small job is not mostly imports (bench/README.md, soak)."""
     global _ctx
     if _ctx is None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["worker.tasks"])
+        ctx.set_forkserver_preload(["worker.tasks", "attacks.pipeline", "sklearn.datasets", "torch._dynamo"])
         _ctx = ctx
     return _ctx
 
