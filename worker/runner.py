@@ -399,6 +399,16 @@ def _job_context():
     return _ctx
 
 
+def start_job_server() -> None:
+    """Starts the jobs' forkserver now (the worker calls this when it is ready), so that the first job
+    does not wait for the server's preload; a no-op where jobs do not run in their own process."""
+    if get_settings().job_isolation and "forkserver" in multiprocessing.get_all_start_methods():
+        _job_context()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def _child_main(spec: dict, body: Callable[[JobRun], None], link: "_ChildLink") -> None:
     """In the job's process: this job's settings, log handlers and context; ``body``; one message back."""
     _die_with_parent()
