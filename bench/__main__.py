@@ -1,4 +1,4 @@
-"""Run the benchmarks: `python -m bench [--device cpu|cuda] [--quick] [--full-loop] [NAME ...]`."""
+"""Run the benchmarks: `python -m bench [--device cpu|cuda] [--quick] [--full-loop] [--jobs N] [NAME ...]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import importlib
 import inspect
 import sys
 
-BENCHES = ["gc_feature", "evaluation", "fm_throughput", "extraction", "memory", "load", "input_space", "strength"]
+BENCHES = ["gc_feature", "evaluation", "fm_throughput", "extraction", "memory", "load", "input_space", "strength",
+           "soak"]
 
 
 def main(argv=None) -> int:
@@ -17,6 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes only")
     p.add_argument("--full-loop", action="store_true",
                    help="evaluation: run the encoder-in-the-loop side for all 100 epochs on the CPU too")
+    p.add_argument("--jobs", type=int, default=None, help="soak: jobs in the burst (default 200; 20 with --quick)")
     args = p.parse_args(argv)
     for name in args.names or BENCHES:
         print(f"\n== {name} ==", flush=True)
@@ -24,6 +26,8 @@ def main(argv=None) -> int:
         kwargs = dict(device=args.device, quick=args.quick)
         if "full_loop" in inspect.signature(run).parameters:
             kwargs["full_loop"] = args.full_loop
+        if "jobs" in inspect.signature(run).parameters:
+            kwargs["jobs"] = args.jobs
         run(**kwargs)
     return 0
 

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -69,13 +70,15 @@ def _wrk() -> str:
     return exe
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-class _Proc:
+class Proc:
+    """A child process in its own process group, its output in ``log_dir/NAME.log``."""
+
     def __init__(self, name, cmd, env, log_dir: Path):
         self.name = name
         self.log = open(log_dir / f"{name}.log", "ab")
@@ -96,14 +99,109 @@ class _Proc:
         self.log.close()
 
 
-def _wait(pred, timeout, what):
+def wait_for(pred, timeout, what, interval: float = 0.3):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
         if v:
             return v
-        time.sleep(0.3)
+        time.sleep(interval)
     raise RuntimeError(f"timed out waiting for {what}")
+
+
+class Stack:
+    """What :func:`service_stack` set up: the database, the processes' environment, their log folder."""
+
+    def __init__(self, admin, dbname: str, db_url: str, env: dict[str, str], work: Path):
+        self.admin, self.dbname, self.db_url, self.env, self.work = admin, dbname, db_url, env, work
+        self.procs: list[Proc] = []
+
+    def worker(self, name: str) -> Proc:
+        """A real Celery worker (solo pool, both queues) named ``NAME@host``; returns once it is ready."""
+        w = Proc(name, [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu,cpu",
+                        "--pool=solo", "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip",
+                        "--without-mingle", "--without-heartbeat"], self.env, self.work)
+        self.procs.append(w)
+        wait_for(lambda: "ready." in w.text() or w.p.poll() is not None, 120, f"the worker {name}")
+        if w.p.poll() is not None:
+            raise RuntimeError(f"worker {name} exited:\n{w.text()[-3000:]}")
+        return w
+
+    def api(self) -> tuple[Proc, str]:
+        """One uvicorn API process (access log off, as in production behind a proxy); returns it and
+        its base URL once /readyz answers."""
+        port = free_port()
+        api = Proc("api", [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+                           "--port", str(port), "--workers", "1", "--log-level", "warning", "--no-access-log"],
+                   self.env, self.work)
+        self.procs.append(api)
+        base = f"http://127.0.0.1:{port}"
+
+        def ready():
+            try:
+                return httpx.get(base + "/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 60, "the API")
+        return api, base
+
+    def team(self, name: str) -> tuple[uuid.UUID, str]:
+        """A new team and an API key of it: (team id, key)."""
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import Session
+
+        from app.security import create_key, create_team
+
+        eng = create_engine(self.db_url)
+        with Session(eng) as s:
+            team = create_team(s, name)
+            key = create_key(s, team)
+            team_id = team.id
+            s.commit()
+        eng.dispose()
+        return team_id, key
+
+
+@contextmanager
+def service_stack(prefix: str, redis_url: str = REDIS):
+    """Postgres and Redis up (``scripts/services.sh``), the Redis db flushed, a fresh database
+    ``pa_bench_<hex>`` on the local server, migrated, and a work folder; on the way out every process
+    started through the :class:`Stack` is stopped, the database dropped, the Redis db flushed again and
+    the folder removed."""
+    from sqlalchemy import create_engine, text
+
+    import redis
+
+    from app.migrate import upgrade_schema
+
+    subprocess.run(["bash", str(REPO / "scripts/services.sh")], capture_output=True)
+    redis.Redis.from_url(redis_url).flushdb()
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    dbname = f"pa_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{dbname}"'))
+    db_url = PG_ADMIN.rsplit("/", 1)[0] + f"/{dbname}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POISONAUDIT_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", POISONAUDIT_DATA_DIR=str(work / "var"),
+               POISONAUDIT_DATABASE_URL=db_url, POISONAUDIT_BROKER_URL=redis_url, POISONAUDIT_RESULT_BACKEND=redis_url,
+               POISONAUDIT_STORAGE_BACKEND="local", POISONAUDIT_MIGRATE_ON_START="false")
+    stack = Stack(admin, dbname, db_url, env, work)
+    try:
+        upgrade_schema(db_url)
+        yield stack
+    finally:
+        for p in reversed(stack.procs):
+            p.stop()
+        from app.db import dispose_engines
+
+        dispose_engines()
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+        admin.dispose()
+        redis.Redis.from_url(redis_url).flushdb()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _ms(v: str, unit: str) -> float:
@@ -139,46 +237,27 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _loadavg() -> str:
+def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def run(device: str = "cpu", quick: bool = False, duration: int | None = None,
         submit_connections: int = 4, status_connections: int = 16) -> list[dict]:
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
     wrk = _wrk()
     duration = duration or (5 if quick else 20)
-    subprocess.run(["bash", str(REPO / "scripts/services.sh")], capture_output=True)
-    import redis
-
-    redis.Redis.from_url(REDIS).flushdb()
-    work = Path(tempfile.mkdtemp(prefix="pa_load_"))
-    dbname = f"pa_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{dbname}"'))
-    db_url = PG_ADMIN.rsplit("/", 1)[0] + f"/{dbname}"
-    procs: list[_Proc] = []
     rows: list[dict] = []
-    try:
-        from app.migrate import upgrade_schema
-
-        upgrade_schema(db_url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POISONAUDIT_")}
-        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", POISONAUDIT_DATA_DIR=str(work / "var"),
-                   POISONAUDIT_DATABASE_URL=db_url, POISONAUDIT_BROKER_URL=REDIS, POISONAUDIT_RESULT_BACKEND=REDIS,
-                   POISONAUDIT_STORAGE_BACKEND="local", POISONAUDIT_MIGRATE_ON_START="false")
+    with service_stack("pa_load_") as st:
+        admin, dbname, work = st.admin, st.dbname, st.work
         # A team, a key and a ready encoder row to submit against.
         from app.models import Encoder, EncoderStatus
-        from app.security import create_key, create_team
 
-        eng = create_engine(db_url)
+        team_id, key = st.team("load")
+        eng = create_engine(st.db_url)
         with Session(eng) as s:
-            team = create_team(s, "load")
-            key = create_key(s, team)
-            enc = Encoder(team_id=team.id, name="probe", architecture="small_cnn",
+            enc = Encoder(team_id=team_id, name="probe", architecture="small_cnn",
                           spec={"arch": "small_cnn", "in_channels": 1}, source="upload",
                           status=EncoderStatus.ready, sha256="0" * 64, size=1)
             s.add(enc)
@@ -187,30 +266,14 @@ def run(device: str = "cpu", quick: bool = False, duration: int | None = None,
         eng.dispose()
         auth = {"Authorization": f"Bearer {key}"}
 
-        worker = _Proc("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu,cpu",
-                                  "--pool=solo", "-n", "load@%h", "--loglevel=INFO", "--without-gossip",
-                                  "--without-mingle", "--without-heartbeat"], env, work)
-        procs.append(worker)
-        port = _free_port()
-        api = _Proc("api", [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-                            "--port", str(port), "--workers", "1", "--log-level", "warning", "--no-access-log"], env, work)
-        procs.append(api)
-        base = f"http://127.0.0.1:{port}"
-        _wait(lambda: "ready." in worker.text(), 120, "the worker")
-
-        def ready():
-            try:
-                return httpx.get(base + "/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        _wait(ready, 60, "the API")
+        st.worker("load")
+        api, base = st.api()
         client = httpx.Client(base_url=base, headers=auth, timeout=30)
         r = client.post("/v1/encoders", json={"name": "busy", "architecture": "small_cnn", "dataset": "mnist5k",
                                               "spec": {"in_channels": 1}, "config": {"epochs": 50}, "device": "cpu"})
         r.raise_for_status()
         busy = r.json()["job"]["id"]
-        _wait(lambda: client.get(f"/v1/jobs/{busy}").json()["status"] == "running", 120, "the busy job to run")
+        wait_for(lambda: client.get(f"/v1/jobs/{busy}").json()["status"] == "running", 120, "the busy job to run")
         body = json.dumps({"encoder": enc_id, "dataset": "mnist5k", "attack": "gc_feature", "epsilon": 0.03,
                            "device": "cpu"})
         assert client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"}).status_code == 202
@@ -226,7 +289,7 @@ def run(device: str = "cpu", quick: bool = False, duration: int | None = None,
         for name, what, cmd, conns in phases:
             # warm-up: 2 s, not recorded
             subprocess.run(cmd[:3] + ["-d2s"] + cmd[4:], capture_output=True, timeout=60)
-            load_before = _loadavg()
+            load_before = loadavg()
             sessions0 = _pg_sessions(admin, dbname)
             spy = None
             if os.environ.get("BENCH_LOAD_PYSPY"):  # a py-spy binary: profile the API during the phase
@@ -250,17 +313,6 @@ def run(device: str = "cpu", quick: bool = False, duration: int | None = None,
             r["target"] = "p99 < 50 ms" if r["phase"] == "submit" else ">= 300 req/s"
             r["met"] = r["p99_ms"] < 50 if r["phase"] == "submit" else r["rps"] >= 300
         client.close()
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        from app.db import dispose_engines
-
-        dispose_engines()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-        admin.dispose()
-        redis.Redis.from_url(REDIS).flushdb()
-        shutil.rmtree(work, ignore_errors=True)
     write("load", rows, {"machine": f"{os.cpu_count()} cores", "api_processes": 1, "tool": "wrk 4.1.0",
                          "database": "postgres (loopback)", "broker": "redis (loopback)"})
     print(table(rows, ["phase", "request", "connections", "requests", "rps", "p50_ms", "p90_ms", "p99_ms", "non_2xx",

@@ -21,10 +21,12 @@ app = celery_app  # what `celery -A worker.celery_app` looks for
 def _on_ready(sender=None, **_kwargs) -> None:
     """Jobs left 'running' by a previous incarnation of this worker are handled at once, and
     the worker reaps stale jobs too (so nothing hangs while no API process runs; several
-    reapers are safe: every transition is a conditional update)."""
+    reapers are safe: every transition is a conditional update). The jobs' forkserver starts now,
+    not on the first job."""
     from app.db import new_session
     from app.queue import get_queue
     from app.reaper import Reaper, reap_worker_orphans
+    from worker.runner import start_job_server
 
     settings = get_settings()
     hostname = getattr(sender, "hostname", None)
@@ -33,3 +35,4 @@ def _on_ready(sender=None, **_kwargs) -> None:
             reap_worker_orphans(session, get_queue(), hostname)
     if settings.reaper_enabled:
         Reaper(settings, get_queue, new_session).start()
+    start_job_server()

@@ -411,13 +411,26 @@ _ctx = None
 
 
 def _job_context():
-    """The forkserver context the jobs' processes come from (its server preloads the engine)."""
+    """The forkserver context the jobs' processes come from. Its server preloads the engine and what
+    a job would otherwise import afresh in every process on first use: the pipeline, scikit-learn's
+    datasets (``digits``) and ``torch._dynamo`` (which torch.optim imports when the first optimizer is
+    built), so that a small job is not mostly imports (bench/README.md, soak)."""
     global _ctx
     if _ctx is None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["worker.tasks"])
+        ctx.set_forkserver_preload(["worker.tasks", "attacks.pipeline", "sklearn.datasets", "torch._dynamo"])
         _ctx = ctx
     return _ctx
+
+
+def start_job_server() -> None:
+    """Starts the jobs' forkserver now (the worker calls this when it is ready), so that the first job
+    does not wait for the server's preload; a no-op where jobs do not run in their own process."""
+    if get_settings().job_isolation and "forkserver" in multiprocessing.get_all_start_methods():
+        _job_context()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 def _child_main(spec: dict, body: Callable[[JobRun], None], link: "_ChildLink") -> None:
