@@ -9,6 +9,9 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from app import problems
 from app.limits import BodyLimitMiddleware
@@ -16,6 +19,24 @@ from app.routers import attacks, audits, datasets, encoders, health, jobs, keys
 from app.settings import get_settings
 
 log = logging.getLogger("app")
+
+DESCRIPTION = """\
+Indiscriminate data-poisoning audits of linear heads on frozen pre-trained encoders.
+
+**Quick start.** Every `/v1` call needs a team's API key, as `Authorization: Bearer <key>`
+(`poisonaudit create-team NAME --with-key` prints one; `poisonaudit create-key TEAM` makes another).
+
+1. An encoder: upload a checkpoint (`POST /v1/encoders`, multipart, safetensors or a torch.save
+   state dict) or pre-train one with SimCLR (`POST /v1/encoders`, JSON), then wait until it is `ready`.
+2. An audit with no knobs set runs the paper's table at epsilon 0.03 and 0.1:
+   `POST /v1/audits {"encoder": ID, "dataset": "digits"}`; or one attack: `POST /v1/jobs`.
+3. Poll `GET /v1/audits/{id}` (or `/v1/jobs/{id}`) until it is finished; read the clean and poisoned
+   accuracy and the drop, and download the poisoned set (`GET /v1/jobs/{id}/poisoned-set`).
+
+Errors are RFC 9457 problem details (`application/problem+json`). This page's files are served
+by the API itself: it works offline.
+"""
+SWAGGER_STATIC = "/static/swagger-ui"
 
 
 @asynccontextmanager
@@ -46,7 +67,10 @@ def create_app() -> FastAPI:
         title="poisonaudit",
         version="1.0.0",
         summary="Indiscriminate data-poisoning audits of linear heads on frozen pre-trained encoders.",
+        description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served below from local files, not a CDN
+        redoc_url=None,
         # operation ids are the handlers' verb_noun names (create_job, read_audit...): readable generated clients
         generate_unique_id_function=lambda route: route.name,
     )
@@ -54,9 +78,35 @@ def create_app() -> FastAPI:
     for r in (jobs.router, audits.router, encoders.router, datasets.router, keys.router, attacks.router, health.router):
         app.include_router(r)
 
+    _install_docs(app)
+
     def uploads():
         s = get_settings()
         return {"/v1/encoders": s.max_encoder_bytes, "/v1/datasets": s.max_dataset_bytes}
 
     app.add_middleware(BodyLimitMiddleware, uploads=uploads, json_limit=lambda: get_settings().max_json_bytes)
     return app
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the files the ``swagger-ui-bundle`` package ships (no CDN, so
+    it works on an air-gapped machine); ``/`` leads there."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(SWAGGER_STATIC, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    oauth2 = app.swagger_ui_oauth2_redirect_url
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API docs",
+                                   oauth2_redirect_url=oauth2, swagger_js_url=f"{SWAGGER_STATIC}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{SWAGGER_STATIC}/swagger-ui.css",
+                                   swagger_favicon_url=f"{SWAGGER_STATIC}/favicon-32x32.png")
+
+    @app.get(oauth2, include_in_schema=False)
+    def docs_oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/docs")

@@ -500,3 +500,24 @@ def test_unreachable_real_broker_is_503(session, configure, store, team_a, ready
     _problem(client.post("/v1/jobs", json=_job_body(ready_encoder.id), headers=h), 503)
     assert client.get("/v1/jobs", headers=h).json()["count"] == 0
     assert _problem(client.get("/readyz"), 503)["checks"]["broker"].startswith("unreachable")
+
+
+def test_docs_work_offline_from_files_the_api_serves(client):
+    """#16: /docs loads Swagger UI from the API itself (an air-gapped browser has no CDN); / leads there."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    assert assets and not [a for a in assets if "//" in a], assets  # nothing from another host
+    js = [a for a in assets if a.endswith("swagger-ui-bundle.js")]
+    css = [a for a in assets if a.endswith("swagger-ui.css")]
+    assert js and css
+    r = client.get(js[0])
+    assert r.status_code == 200 and "SwaggerUIBundle" in r.text
+    assert client.get(css[0]).status_code == 200
+    assert "'/openapi.json'" in page.text or '"/openapi.json"' in page.text
+    assert client.get("/docs/oauth2-redirect").status_code == 200
+    root = client.get("/", follow_redirects=False)
+    assert root.status_code in (302, 307) and root.headers["location"] == "/docs"
+    assert "Quick start" in client.get("/openapi.json").json()["info"]["description"]
