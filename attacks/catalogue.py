@@ -182,6 +182,28 @@ class GCFeatureParams(_GCParams):
         "cannot reach from nearby pixels; bounded, GC spreads the harm over features images have. "
         "None: no ceiling.",
     )
+    solver: Literal["gc", "mta"] = Field(
+        "gc",
+        description="How stage 2 reaches the target head. 'gc' (default): Gradient Canceling (the paper). 'mta': the "
+        "model-targeted attack of Suya et al. (ICML 2021): retrain the victim on clean + poisons so far, add the "
+        "feasible (z, y) of largest loss gap between that head and the target, repeat until epsilon * N poisons. Its "
+        "feasible set is the box of the clean features' per-coordinate range (times mta_box), within the floor and "
+        "ceiling; labels may differ from their base points' (poisons are paired with the nearest clean point of "
+        "their label).",
+    )
+    mta_rounds: int = Field(
+        20, ge=1, le=10_000, description="mta: victim retrains; each adds about 1/mta_rounds of the poisons."
+    )
+    mta_steps: int = Field(
+        50, ge=1, le=10_000, description="mta: projected sign-gradient ascent steps per round on the loss gap."
+    )
+    mta_starts: int = Field(
+        16, ge=1, le=10_000, description="mta: clean features (per class) the ascent starts from in each round."
+    )
+    mta_box: float = Field(
+        1.0, gt=0, le=1e6, description="mta: the feasible box is this multiple of the clean per-coordinate range "
+        "(its upper end scaled, and its lower end when negative)."
+    )
 
 
 class FeatureMatchingParams(GCFeatureParams):

@@ -25,6 +25,10 @@ Parameters (:class:`attacks.catalogue.GCFeatureParams`, plus GradPC's):
         undid most of the harm (retrained accuracy 0.872 -> 0.928); GC with the floor
         found zeta as harmful that an encoder can produce (0.752 at gc_lr 0.3).
 
+Solver: ``solver: "mta"`` replaces Gradient Canceling by the model-targeted attack of Suya et
+al. (ICML 2021, :mod:`attacks.mta_feature`), with the same output (zeta, labels, base indices);
+the GC-only knobs (gc_steps, gc_lr, stop_loss, subset, cancel_bias) are then unused.
+
 Shapes: zeta (n, d) with n = round(eps_d * N) >= 1, labels (n,) kept from the
 clean points that initialised them (clean-label).
 
@@ -198,6 +202,18 @@ def poisoned_features(ctx, params: GCFeatureParams, epsilon: float, seed: int, p
     floor = feature_floor(params.feature_floor, ctx.Z_train)
     ceiling = feature_ceiling(params.feature_ceiling, ctx.Z_train)
 
+    def compute_mta():
+        from attacks.mta_feature import model_targeted
+
+        zeta, labels, idx, mta_info = model_targeted(
+            ctx, target, n, rounds=params.mta_rounds, steps=params.mta_steps, starts=params.mta_starts,
+            box=params.mta_box, floor=floor, ceiling=ceiling, seed=seed,
+            progress=lambda f: report("gc_feature", f),
+        )
+        clean_norm = ctx.Z_train.norm(dim=1).mean().item()
+        mta_info["zeta_norm_ratio"] = zeta.norm(dim=1).mean().item() / max(clean_norm, 1e-12)
+        return {"zeta": zeta, "idx": idx, "labels": labels}, mta_info
+
     def compute():
         idx = choose_subset(N, n, params.subset, seed)
         zeta, gc_info = gradient_canceling(
@@ -220,13 +236,16 @@ def poisoned_features(ctx, params: GCFeatureParams, epsilon: float, seed: int, p
 
     # keyed by the floor itself, so "auto" and "zero" (or "none") share a run when they agree
     parts = {**gc_parts(params), "feature_floor": floor, "epsilon": epsilon, "seed": seed}
-    out, gc_info = cached_stage(ctx, "gc_features", parts, compute)
+    out, gc_info = cached_stage(ctx, "gc_features", parts, compute_mta if params.solver == "mta" else compute)
     report("gc_feature", 1.0)
     zeta, idx = out["zeta"], out["idx"].cpu()
+    # GC keeps its base points' labels; mta chooses them (its base points share them)
+    labels = out["labels"].to(ctx.y_train.device) if "labels" in out else ctx.y_train[idx]
     info.update(gc_info)
     info["gc_feature_floor"] = floor
     info["gc_feature_ceiling"] = params.feature_ceiling
-    return target, G, zeta, ctx.y_train[idx], idx, info
+    info["stage2_solver"] = params.solver
+    return target, G, zeta, labels, idx, info
 
 
 def run(ctx, params: GCFeatureParams, *, epsilon: float, beta: float | None, seed: int, progress=None):
