@@ -11,6 +11,8 @@ child process that the worker kills on the time limit or an unheeded cancel
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from celery.exceptions import Reject
 
 from app.db import is_outage, retry_db
@@ -19,20 +21,24 @@ from worker.celery_app import celery_app
 from worker.runner import JobRun
 from worker import steps
 
-_task = dict(bind=True)
-
-
-def claim(job_id: str, hostname: str | None) -> JobRun | None:
-    """:meth:`JobRun.claim`; past an outage of ``db_outage_s`` the message goes back to the broker."""
+@contextmanager
+def _requeue_on_outage():
+    """A database outage that outlasted ``db_outage_s`` gives the message back to the broker."""
     try:
-        return JobRun.claim(job_id, hostname)
+        yield
     except Exception as exc:
         if is_outage(exc):
             raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
         raise
 
 
-@celery_app.task(name=TASK_RUN_JOB, **_task)
+def claim(job_id: str, hostname: str | None) -> JobRun | None:
+    """:meth:`JobRun.claim` (which rides out an outage itself), or the message back to the broker."""
+    with _requeue_on_outage():
+        return JobRun.claim(job_id, hostname)
+
+
+@celery_app.task(name=TASK_RUN_JOB, bind=True)
 def run_job(self, job_id: str) -> str:
     """Run one audit job end to end and record its metrics and poisoned set."""
     run = claim(job_id, self.request.hostname)
@@ -50,7 +56,7 @@ def attack_body(run: JobRun) -> None:
     steps.store_result(run, result)
 
 
-@celery_app.task(name=TASK_PRETRAIN, **_task)
+@celery_app.task(name=TASK_PRETRAIN, bind=True)
 def pretrain_encoder(self, job_id: str) -> str:
     """Pre-train an encoder with SimCLR (a job of kind ``pretrain``) and store it."""
     run = claim(job_id, self.request.hostname)
@@ -67,12 +73,8 @@ def pretrain_body(run: JobRun) -> None:
     steps.store_pretrained(run, encoder, seconds)
 
 
-@celery_app.task(name=TASK_CHECK_ENCODER, **_task)
+@celery_app.task(name=TASK_CHECK_ENCODER, bind=True)
 def check_encoder(self, encoder_id: str) -> str:
     """Load an uploaded checkpoint against its architecture; ready, or failed with the reason."""
-    try:
+    with _requeue_on_outage():
         return retry_db(lambda: steps.check_encoder(encoder_id), what=f"checking encoder {encoder_id}")
-    except Exception as exc:
-        if is_outage(exc):
-            raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
-        raise

@@ -222,8 +222,9 @@ def test_a_retried_audit_sends_its_jobs_that_were_never_sent(client, queue, team
 
 
 def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found if isinstance(found, str) else (found[-1] if found else None)
+    """``name`` on the PATH, else Debian's newest ``/usr/lib/postgresql/N/bin/name``."""
+    debian = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return shutil.which(name) or (debian[-1] if debian else None)
 
 
 class OwnPostgres:
