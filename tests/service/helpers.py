@@ -97,7 +97,9 @@ def wait_http(url: str, proc: Proc | None = None, timeout: float = 60.0, status:
                          + (f"\n{proc.output()[-4000:]}" if proc else ""))
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3, last=None):
+    """``predicate()`` once true; else an AssertionError naming ``what`` and the last value seen
+    (or, with ``last``, what ``last()`` says then: the state that did not come)."""
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:
@@ -105,7 +107,8 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+    seen = last() if last is not None else value
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {seen!r})")
 
 
 def start_worker(name: str, env: dict[str, str], log_dir: Path, queues: str = "gpu,cpu") -> Proc:

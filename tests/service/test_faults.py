@@ -336,6 +336,11 @@ def _job(stack, job_id) -> dict:
     return stack["client"].get(f"/v1/jobs/{job_id}").json()
 
 
+def _state(stack, job_id) -> tuple[str, str | None]:
+    j = _job(stack, job_id)
+    return j["status"], (j.get("progress") or {}).get("stage")
+
+
 def _logs(stack) -> str:
     return "".join(w.output() for w in stack["workers"].values())
 
@@ -343,11 +348,15 @@ def _logs(stack) -> str:
 @pytest.mark.integration
 def test_an_outage_longer_than_the_heartbeat_timeout_reruns_no_job_and_keeps_a_result(fault_stack):
     st = fault_stack
-    short, long_ = _submit(st, MEDIUM), _submit(st, {}, **ENDLESS)
+    # one after the other: the long job takes one worker (past its start-up, which may wait for the
+    # worker's preload), then the short one the other; waiting for both states at one instant raced
+    long_ = _submit(st, {}, **ENDLESS)
+    wait_for(lambda: _state(st, long_)[1] not in (None, "starting", "loading"), 120, "the long job making progress",
+             last=lambda: _state(st, long_))
+    short = _submit(st, MEDIUM)
     in_attack = ("gradpc", "gc_feature", "feature_matching")
-    wait_for(lambda: _job(st, short)["status"] == "running" and _job(st, short)["progress"]["stage"] in in_attack
-             and _job(st, long_)["progress"]["stage"] not in (None, "starting", "loading"), 120,
-             "the short job in its attack stage, the long one making progress")
+    wait_for(lambda: _state(st, short) in {("running", s) for s in in_attack}, 120, "the short job in its attack stage",
+             last=lambda: {"short": _state(st, short), "long": _state(st, long_)})
     st["pg"].stop()
     down_at = time.monotonic()
     # down until the short job has finished (its final write failing) and well past the heartbeat timeout
