@@ -1,4 +1,4 @@
-"""Run the benchmarks: `python -m bench [--device cpu|cuda] [--quick] [--full-loop] [--jobs N] [NAME ...]`."""
+"""Run the benchmarks: `python -m bench [--device cpu|cuda] [--quick] [--full-loop] [--jobs N] [--only LABEL ...] [NAME ...]`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     p.add_argument("--full-loop", action="store_true",
                    help="evaluation: run the encoder-in-the-loop side for all 100 epochs on the CPU too")
     p.add_argument("--jobs", type=int, default=None, help="soak: jobs in the burst (default 200; 20 with --quick)")
+    p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                   help="strength: only the rows whose label contains one of these words")
     args = p.parse_args(argv)
     for name in args.names or BENCHES:
         print(f"\n== {name} ==", flush=True)
@@ -28,6 +30,8 @@ def main(argv=None) -> int:
             kwargs["full_loop"] = args.full_loop
         if "jobs" in inspect.signature(run).parameters:
             kwargs["jobs"] = args.jobs
+        if "only" in inspect.signature(run).parameters:
+            kwargs["only"] = args.only
         run(**kwargs)
     return 0
 
