@@ -21,6 +21,7 @@ Slow (minutes): run in CI.
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -40,7 +41,17 @@ def caches():
     return FeatureCache(), StageCache()  # in memory: betas of one seed share the target and the GC run
 
 
+_RUNS: dict = {}  # one run per configuration and seed in this module: the tuned comparison reuses them
+
+
 def _run(enc, ds, caches, attack, epsilon, seed, beta=None, params=None):
+    key = (attack, epsilon, seed, beta, json.dumps(params or {}, sort_keys=True))
+    if key not in _RUNS:
+        _RUNS[key] = _run_once(enc, ds, caches, attack, epsilon, seed, beta, params)
+    return _RUNS[key]
+
+
+def _run_once(enc, ds, caches, attack, epsilon, seed, beta, params):
     cache, stages = caches
     m = run_job(encoder=enc, dataset=ds, attack=attack, epsilon=epsilon, beta=beta, params=params or {},
                 device="cpu", seed=seed, cache=cache, stage_cache=stages, defences=False).metrics
@@ -129,3 +140,20 @@ def test_feature_matching_r_removes_some_poisons_and_still_does_harm(simclr_digi
         assert 0.05 <= m["anomaly_fraction"] <= 0.5, m["anomaly_fraction"]
         assert m["drop"] > 0
     assert statistics.mean(m["drop"] for m in runs) >= 0.025
+
+
+def test_the_hand_set_configurations_are_no_stronger_than_the_defaults(simclr_digits, digits, caches):
+    """The recipe the mnist5k claims tests hand-set for feature matching before the defaults were
+    fixed (bench.strength.TUNED, from tests/test_paper_claims.py) does at most 0.5 points more harm
+    than the defaults, on the seed mean, at epsilon 0.1 and the betas claimed above. Measured
+    (python -m bench strength): tuned 0.9 / 0.8 points against defaults 3.8 / 8.4 at beta 0.25 / 0.05."""
+    from bench.strength import TUNED
+
+    for beta in (0.25, 0.05):
+        default = [_run(simclr_digits, digits, caches, "feature_matching", 0.1, s, beta=beta) for s in SEEDS]
+        tuned = [_run(simclr_digits, digits, caches, "feature_matching", 0.1, s, beta=beta,
+                      params=TUNED["feature_matching"]) for s in SEEDS]
+        mean_default = statistics.mean(m["drop"] for m in default)
+        mean_tuned = statistics.mean(m["drop"] for m in tuned)
+        print(f"\nbeta {beta}: defaults {100 * mean_default:.2f} points, tuned {100 * mean_tuned:.2f}")
+        assert mean_tuned <= mean_default + 0.005
