@@ -41,12 +41,24 @@ def caches():
     return FeatureCache(), StageCache()  # in memory: the seeds share the features and the clean head
 
 
-def _run(enc, ds, caches, constrained, seed):
+_RUNS: dict = {}  # the tuned comparison reuses the defaults' runs
+
+
+def _run(enc, ds, caches, constrained, seed, tuned=False):
+    if (constrained, seed, tuned) not in _RUNS:
+        _RUNS[constrained, seed, tuned] = _run_once(enc, ds, caches, constrained, seed, tuned)
+    return _RUNS[constrained, seed, tuned]
+
+
+def _run_once(enc, ds, caches, constrained, seed, tuned):
+    from bench.strength import TUNED
+
     cache, stages = caches
-    r = run_job(encoder=enc, dataset=ds, attack="tgda_input", epsilon=0.1, params={"constrained": constrained},
+    params = {"constrained": constrained, **(TUNED["tgda_input"] if tuned else {})}
+    r = run_job(encoder=enc, dataset=ds, attack="tgda_input", epsilon=0.1, params=params,
                 device="cpu", seed=seed, cache=cache, stage_cache=stages, defences=False)
     m, ps = r.metrics, r.metrics["poison_stats"]
-    print(f"\ntgda_input constrained={constrained} seed={seed}: clean {m['clean_accuracy']:.4f} poisoned "
+    print(f"\ntgda_input constrained={constrained} tuned={tuned} seed={seed}: clean {m['clean_accuracy']:.4f} poisoned "
           f"{m['poisoned_accuracy']:.4f} drop {m['drop']:.4f} linf_to_base {ps['linf_to_base']['mean']:.4f} "
           f"l2_to_base {ps['l2_to_base']['mean']:.4f} val {m['val_loss_initial']:.3f}->{m['val_loss_best']:.3f} "
           f"leader_steps {m['tgda_leader_steps']} attack_s {m['stage_seconds']['attack']:.1f}")
@@ -73,3 +85,14 @@ def test_tgda_at_defaults_moves_poisons_and_drops_accuracy(simclr_digits, digits
     assert mean_con >= max(0.04, noise)
     assert statistics.mean(r.metrics["poison_stats"]["linf_to_base"]["mean"] for r in con) > 0.3
     assert mean_free >= 0.14 and mean_free >= mean_con + 0.1
+
+
+def test_the_hand_set_tgda_is_no_stronger_than_the_defaults(simclr_digits, digits, caches):
+    """The TGDA knobs tests/test_paper_claims_input.py hand-set (bench.strength.TUNED: 100 epochs,
+    leader_lr 0.05) do at most 0.5 points more harm than the defaults on the seed mean, unconstrained
+    at epsilon 0.1. Measured (python -m bench strength): tuned 16.1 against defaults 28.6 points
+    (constrained: 5.9 against 7.0, too close to the noise to claim)."""
+    default = [_run(simclr_digits, digits, caches, False, s).metrics["drop"] for s in SEEDS]
+    tuned = [_run(simclr_digits, digits, caches, False, s, tuned=True).metrics["drop"] for s in SEEDS]
+    print(f"\nunconstrained: defaults {100 * statistics.mean(default):.2f}, tuned {100 * statistics.mean(tuned):.2f}")
+    assert statistics.mean(tuned) <= statistics.mean(default) + 0.005
