@@ -5,6 +5,7 @@
         job = c.submit_job(encoder=enc_id, dataset="digits", attack="gradpc")
         job = c.wait_job(job.id, on_progress=lambda j: print(j.progress.fraction))
         c.download_poisoned_set(job.id, "poisoned.npz")
+        enc = c.upload_encoder("encoder.safetensors", architecture="resnet18")  # or c.pretrain_encoder(...)
         audit = c.wait_audit(c.submit_audit(encoder=enc_id, dataset="digits", attacks=[{"name": "gradpc"}],
                                             epsilons=[0.03, 0.1]).id)
         print(audit.table.summary)
@@ -15,6 +16,7 @@ raises :class:`ApiError` carrying the problem details.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -24,9 +26,13 @@ from typing import Any, Callable
 import httpx
 from pydantic import ValidationError
 
-from app.schemas import AuditCreate, AuditPublic, AuditsPublic, JobCreate, JobPublic, JobsPublic
+from app.schemas import (
+    AuditCreate, AuditPublic, AuditsPublic, DatasetPublic, DatasetsPublic, EncoderCreated, EncoderPublic, EncodersPublic,
+    JobCreate, JobPublic, JobsPublic, PretrainCreate,
+)
 
 FINISHED = ("succeeded", "failed", "cancelled")
+ENCODER_SETTLED = ("ready", "failed")
 AUDIT_FINISHED = ("succeeded", "failed", "cancelled", "partial")
 
 
@@ -137,6 +143,54 @@ class Client:
             path.write_bytes(r.content)
         return path
 
+    def job_report(self, job_id: uuid.UUID | str) -> str:
+        """The job's HTML report (self-contained: figures inline)."""
+        return self._request("GET", f"/v1/jobs/{job_id}/report").text
+
+    # ---------------------------------------------------------------- encoders
+    def upload_encoder(self, path: str | os.PathLike, *, architecture: str, name: str | None = None,
+                       spec: dict[str, Any] | None = None) -> EncoderCreated:
+        """Uploads a checkpoint (safetensors, or a torch.save'd state dict). ``spec``: further
+        EncoderSpec fields (in_channels, width, preprocessing...). The answer's encoder is ``ready``
+        once checked, ``validating`` while the check runs (see :meth:`wait_encoder`)."""
+        data = {"architecture": architecture, **({"name": name} if name else {}),
+                **({"spec": json.dumps(spec)} if spec else {})}
+        with open(path, "rb") as fh:
+            r = self._request("POST", "/v1/encoders", data=data, files={"file": (Path(path).name, fh)})
+        return _parse(EncoderCreated, r)
+
+    def pretrain_encoder(self, **body: Any) -> EncoderCreated:
+        """Fields of :class:`app.schemas.PretrainCreate` (name, architecture, dataset, spec, config,
+        seed, device): SimCLR pre-training as a job; the encoder is ``ready`` when it has succeeded."""
+        payload = PretrainCreate(**body).model_dump(mode="json", exclude_unset=True)
+        return _parse(EncoderCreated, self._request("POST", "/v1/encoders/pretrain", json=payload))
+
+    def get_encoder(self, encoder_id: uuid.UUID | str) -> EncoderPublic:
+        return _parse(EncoderPublic, self._request("GET", f"/v1/encoders/{encoder_id}"))
+
+    def list_encoders(self) -> EncodersPublic:
+        return _parse(EncodersPublic, self._request("GET", "/v1/encoders"))
+
+    def wait_encoder(self, encoder_id: uuid.UUID | str, *, on_progress: Callable[[EncoderPublic], None] | None = None,
+                     poll_s: float = 1.0, timeout_s: float | None = None) -> EncoderPublic:
+        """Polls until the encoder is ``ready`` or ``failed`` (checked, or its pre-training ended)."""
+        return self._wait(lambda: self.get_encoder(encoder_id), ENCODER_SETTLED, on_progress, poll_s, timeout_s,
+                          f"encoder {encoder_id}")
+
+    # ---------------------------------------------------------------- datasets
+    def upload_dataset(self, path: str | os.PathLike, *, name: str | None = None) -> DatasetPublic:
+        """Uploads an .npz (x, y[, x_test, y_test, classes]); pass the answer's ``id`` as a job's dataset."""
+        with open(path, "rb") as fh:
+            r = self._request("POST", "/v1/datasets", data={"name": name} if name else {},
+                              files={"file": (Path(path).name, fh)})
+        return _parse(DatasetPublic, r)
+
+    def get_dataset(self, dataset_id: str) -> DatasetPublic:
+        return _parse(DatasetPublic, self._request("GET", f"/v1/datasets/{dataset_id}"))
+
+    def list_datasets(self) -> DatasetsPublic:
+        return _parse(DatasetsPublic, self._request("GET", "/v1/datasets"))
+
     # ---------------------------------------------------------------- audits
     def submit_audit(self, *, idempotency_key: str | None = None, **body: Any) -> AuditPublic:
         """Fields of :class:`app.schemas.AuditCreate` (encoder, dataset, attacks, epsilons, betas, seeds, ...)."""
@@ -158,6 +212,10 @@ class Client:
         """Polls until every job of the audit has finished; returns the audit with its table."""
         return self._wait(lambda: self.get_audit(audit_id), AUDIT_FINISHED, on_progress, poll_s, timeout_s,
                           f"audit {audit_id}")
+
+    def audit_report(self, audit_id: uuid.UUID | str) -> str:
+        """The audit's HTML report (self-contained)."""
+        return self._request("GET", f"/v1/audits/{audit_id}/report").text
 
     @staticmethod
     def _wait(get, done, on_progress, poll_s, timeout_s, what, max_transient: int = 30):

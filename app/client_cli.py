@@ -1,4 +1,8 @@
-"""Client commands of the ``poisonaudit`` CLI: ``submit``, ``status``, ``wait``, ``download``, ``audit``.
+"""Client commands of the ``poisonaudit`` CLI: ``submit``, ``status``, ``wait``, ``download``, ``audit``,
+``encoders list|show|upload|pretrain``, ``datasets list|show|upload``, ``report`` and ``export``.
+
+Accuracies print as percentages and drops in points (as in the reports); ``submit`` and
+``audit`` both wait for the result unless ``--no-wait``.
 
 The server and the key come from ``--url`` / ``--api-key`` or POISONAUDIT_URL /
 POISONAUDIT_API_KEY. Exit status: 0 done (and, when waiting, succeeded); 1 the job or
@@ -9,6 +13,7 @@ audit finished without succeeding (failed, cancelled, partial) or the wait timed
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -91,11 +96,27 @@ def _print_job(job, as_json: bool) -> None:
         line += f" ({job.progress.stage} {100 * (job.progress.fraction or 0):.0f}%)"
     m = job.metrics or {}
     if job.status == "succeeded" and "poisoned_accuracy" in m:
-        line += (f": clean {m.get('clean_accuracy', float('nan')):.4f} -> poisoned {m['poisoned_accuracy']:.4f}"
-                 f" (drop {m.get('drop', float('nan')):.4f})")
+        line += (f": clean {_pct(m.get('clean_accuracy'))} -> poisoned {_pct(m['poisoned_accuracy'])}"
+                 f" (drop {_pts(m.get('drop'))})")
     if job.error:
         line += f": {job.error}"
     print(line)
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _pct(v: Any) -> str:
+    """An accuracy (a fraction) as a percentage, as the reports show it."""
+    v = _num(v)
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _pts(v: Any, sign: bool = False) -> str:
+    """A drop (a difference of fractions) in percentage points."""
+    v = _num(v)
+    return "n/a" if v is None else (f"{100 * v:+.2f}" if sign else f"{100 * v:.2f}") + " points"
 
 
 def format_table(audit) -> str:
@@ -105,21 +126,21 @@ def format_table(audit) -> str:
     w = max([len(r.label) for r in t.rows] + [6])
     clean = t.clean_accuracy
     out = [f"audit {audit.id} {audit.status}; clean accuracy "
-           + (f"{clean.mean:.4f} ± {clean.std:.4f} (n={clean.n})" if clean else "n/a")]
-    out.append(f"{'attack':<{w}}  " + "  ".join(f"{'eps ' + k:>24}" for k in keys))
+           + (f"{_pct(clean.mean)} ± {100 * clean.std:.2f} (n={clean.n})" if clean else "n/a")]
+    out.append(f"{'attack':<{w}}  " + "  ".join(f"{'eps ' + k:>30}" for k in keys))
     for r in t.rows:
         cells = []
         for k in keys:
             c = r.cells.get(k)
             if c is None or c.poisoned_accuracy is None:
                 j = c.jobs if c else None
-                cells.append(f"{('pending' if j and j.pending else 'failed' if j and j.failed else '-'):>24}")
+                cells.append(f"{('pending' if j and j.pending else 'failed' if j and j.failed else '-'):>30}")
             else:
-                cells.append(f"{c.poisoned_accuracy.mean:.4f} (drop {c.drop.mean:+.4f})".rjust(24))
+                cells.append(f"{_pct(c.poisoned_accuracy.mean)} (drop {_pts(c.drop.mean, sign=True)})".rjust(30))
         out.append(f"{r.label:<{w}}  " + "  ".join(cells))
     for s in t.summary:
         out.append(f"worst at eps {s.epsilon:g}: " + (f"{s.attack}" + (f" beta={s.beta:g}" if s.beta is not None else "")
-                                                      + f", drop {s.worst_drop:.4f}" if s.attack else "n/a"))
+                                                      + f", drop {_pts(s.worst_drop)}" if s.attack else "n/a"))
     return "\n".join(out)
 
 
@@ -151,7 +172,7 @@ def cmd_submit(args) -> int:
     body.update(_run_options(args))
     with _client(args) as c:
         job = c.submit_job(idempotency_key=args.idempotency_key, **body)
-        if not args.wait:
+        if args.no_wait:
             _print_job(job, args.json)
             return 0
         return _wait_job(c, job.id, args)
@@ -234,6 +255,156 @@ def cmd_audit(args) -> int:
         return _wait_audit(c, audit.id, args)
 
 
+# ------------------------------------------------------------------ encoders, datasets
+def _print_encoder(enc, as_json: bool) -> None:
+    if as_json:
+        print(enc.model_dump_json(indent=2))
+        return
+    line = f"encoder {enc.id} {enc.status} {enc.architecture} {enc.name!r} ({enc.source})"
+    if enc.sha256:
+        line += f" sha256 {enc.sha256[:16]}"
+    if enc.error:
+        line += f": {enc.error}"
+    print(line)
+
+
+def _print_dataset(ds, as_json: bool) -> None:
+    if as_json:
+        print(ds.model_dump_json(indent=2))
+        return
+    line = f"dataset {ds.id} ({ds.kind}, {ds.loader}) {ds.name!r}"
+    summary = ds.summary or {}
+    if summary.get("n_train") is not None:
+        line += f": {summary.get('n_train')} train / {summary.get('n_test')} test, {summary.get('n_classes')} classes"
+    print(line)
+
+
+def _settle_encoder(c, created, args) -> int:
+    """Prints a created encoder, after waiting until it is ready or failed (unless --no-wait)."""
+    enc = created.encoder
+    if not args.no_wait and enc.status not in ("ready", "failed"):
+        print(f"encoder {enc.id}: {enc.status}, waiting", file=sys.stderr)
+        enc = c.wait_encoder(enc.id, poll_s=args.poll, timeout_s=args.timeout)
+    _print_encoder(enc, args.json)
+    return EXIT_NOT_SUCCEEDED if enc.status == "failed" else 0
+
+
+def cmd_encoders(args) -> int:
+    with _client(args) as c:
+        if args.action == "list":
+            listing = c.list_encoders()
+            if args.json:
+                print(listing.model_dump_json(indent=2))
+            for enc in [] if args.json else listing.data:
+                _print_encoder(enc, False)
+            return 0
+        if args.action == "show":
+            _print_encoder(c.get_encoder(args.id), args.json)
+            return 0
+        spec = _json_arg(args.spec, "--spec") or {}
+        if not isinstance(spec, dict):
+            raise UsageError("--spec must be a JSON object")
+        if args.action == "upload":
+            if not os.path.isfile(args.file):
+                raise UsageError(f"{args.file}: no such file")
+            return _settle_encoder(c, c.upload_encoder(args.file, architecture=args.architecture, name=args.name,
+                                                       spec=spec), args)
+        config = _json_arg(args.config, "--config") or {}
+        if not isinstance(config, dict):
+            raise UsageError("--config must be a JSON object")
+        created = c.pretrain_encoder(name=args.name or f"{args.architecture} on {args.dataset}",
+                                     architecture=args.architecture, dataset=args.dataset, spec=spec, config=config,
+                                     seed=args.seed, device=args.device)
+        return _settle_encoder(c, created, args)
+
+
+def cmd_datasets(args) -> int:
+    with _client(args) as c:
+        if args.action == "list":
+            listing = c.list_datasets()
+            if args.json:
+                print(listing.model_dump_json(indent=2))
+            for ds in [] if args.json else listing.data:
+                _print_dataset(ds, False)
+        elif args.action == "show":
+            _print_dataset(c.get_dataset(args.id), args.json)
+        else:
+            if not os.path.isfile(args.file):
+                raise UsageError(f"{args.file}: no such file")
+            _print_dataset(c.upload_dataset(args.file, name=args.name), args.json)
+    return 0
+
+
+# ------------------------------------------------------------------ reports, export
+def cmd_report(args) -> int:
+    """Writes a job's (or with --audit, an audit's) HTML report to a file; --open opens it."""
+    with _client(args) as c:
+        html = c.audit_report(args.id) if args.audit else c.job_report(args.id)
+    path = args.out or f"{'audit' if args.audit else 'job'}-{args.id}.html"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(html)
+    print(f"wrote {path} ({len(html.encode())} bytes)")
+    if args.open:
+        import webbrowser
+        from pathlib import Path
+
+        if not webbrowser.open(Path(path).resolve().as_uri()):
+            print("poisonaudit: no browser to open it with here", file=sys.stderr)
+    return 0
+
+
+EXPORT_FIELDS = ("label", "attack", "beta", "epsilon", "poisoned_accuracy_mean", "poisoned_accuracy_std",
+                 "drop_points_mean", "drop_points_std", "seeds", "jobs_succeeded", "jobs_failed", "jobs_pending")
+
+
+def audit_rows(audit) -> list[dict[str, Any]]:
+    """The audit table as flat rows, one per attack row and epsilon: accuracies as fractions,
+    drops in points (as the reports), the job counts of the cell, and per defence the accuracy
+    after it (``defence_<name>_accuracy``)."""
+    out = []
+    for r in audit.table.rows:
+        for e in audit.table.epsilons:
+            c = r.cells.get(str(float(e)))
+            acc, drop = (c.poisoned_accuracy, c.drop) if c else (None, None)
+            row: dict[str, Any] = {
+                "label": r.label, "attack": r.attack, "beta": r.beta, "epsilon": float(e),
+                "poisoned_accuracy_mean": acc.mean if acc else None, "poisoned_accuracy_std": acc.std if acc else None,
+                "drop_points_mean": 100 * drop.mean if drop else None,
+                "drop_points_std": 100 * drop.std if drop else None, "seeds": acc.n if acc else 0,
+                "jobs_succeeded": c.jobs.succeeded if c else 0, "jobs_failed": c.jobs.failed if c else 0,
+                "jobs_pending": c.jobs.pending if c else 0}
+            for name, st in sorted((c.defences if c else {}).items()):
+                row[f"defence_{name}_accuracy"] = st.mean
+            out.append(row)
+    return out
+
+
+def cmd_export(args) -> int:
+    with _client(args) as c:
+        audit = c.get_audit(args.id)
+    rows = audit_rows(audit)
+    fh = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
+    try:
+        if args.format == "json":
+            json.dump({"audit": str(audit.id), "name": audit.name, "status": audit.status,
+                       "clean_accuracy": audit.table.clean_accuracy.model_dump() if audit.table.clean_accuracy else None,
+                       "rows": rows}, fh, indent=2)
+            fh.write("\n")
+        else:
+            import csv
+
+            extra = sorted({k for r in rows for k in r} - set(EXPORT_FIELDS))
+            w = csv.DictWriter(fh, fieldnames=[*EXPORT_FIELDS, *extra], restval="")
+            w.writeheader()
+            w.writerows(rows)
+    finally:
+        if fh is not sys.stdout:
+            fh.close()
+    if args.out:
+        print(f"wrote {args.out} ({len(rows)} rows)", file=sys.stderr)
+    return 0
+
+
 def run(func, args) -> int:
     """Runs a client command, turning errors into messages and exit statuses."""
     import httpx
@@ -288,7 +459,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--head", help="head recipe as a JSON object")
     _add_run_options(p)
     p.add_argument("--idempotency-key")
-    p.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")
+    p.add_argument("--no-wait", action="store_true", help="print the queued job and return (default: wait for it, "
+                                                          "with a progress bar, as `audit` does)")
+    p.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
     p.set_defaults(func=wrap(cmd_submit))
 
     for name, helptext, f in (("status", "show a job (or with --audit, an audit)", cmd_status),
@@ -323,3 +496,56 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--idempotency-key", help="a retry with the same key returns the audit the first request made")
     p.add_argument("--no-wait", action="store_true", help="print the queued audit and return")
     p.set_defaults(func=wrap(cmd_audit), poll=2.0)
+
+    p = subparsers.add_parser("encoders", help="list, show, upload or pre-train encoders on a server")
+    sub = p.add_subparsers(dest="action", required=True, metavar="{list,show,upload,pretrain}")
+    q = sub.add_parser("list", help="your team's encoders")
+    common(q, wait=False)
+    q = sub.add_parser("show", help="one encoder")
+    common(q, wait=False)
+    q.add_argument("id")
+    for action, helptext in (("upload", "upload a checkpoint (safetensors or a torch state dict)"),
+                             ("pretrain", "SimCLR pre-training on the server (a job)")):
+        q = sub.add_parser(action, help=helptext)
+        common(q)
+        if action == "upload":
+            q.add_argument("file")
+        else:
+            q.add_argument("--dataset", required=True, help="built-in name, server-side name or uploaded id")
+            q.add_argument("--config", help="SimCLRConfig fields as a JSON object (epochs, batch_size, ...)")
+            q.add_argument("--seed", type=int, default=0)
+            q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        q.add_argument("--architecture", required=True, help="an architecture (small_cnn, resnet18, ...)")
+        q.add_argument("--name")
+        q.add_argument("--spec", help="further EncoderSpec fields as a JSON object (in_channels, width, ...)")
+        q.add_argument("--no-wait", action="store_true", help="print the answer and return (default: wait until "
+                                                              "the encoder is ready or failed)")
+    p.set_defaults(func=wrap(cmd_encoders))
+
+    p = subparsers.add_parser("datasets", help="list, show or upload datasets on a server")
+    sub = p.add_subparsers(dest="action", required=True, metavar="{list,show,upload}")
+    q = sub.add_parser("list", help="built-in, server-side and your team's uploaded datasets")
+    common(q, wait=False)
+    q = sub.add_parser("show", help="one dataset")
+    common(q, wait=False)
+    q.add_argument("id")
+    q = sub.add_parser("upload", help="upload an .npz (x, y[, x_test, y_test, classes])")
+    common(q, wait=False)
+    q.add_argument("file")
+    q.add_argument("--name")
+    p.set_defaults(func=wrap(cmd_datasets))
+
+    p = subparsers.add_parser("report", help="save a job's (or with --audit, an audit's) HTML report")
+    common(p, wait=False)
+    p.add_argument("id")
+    p.add_argument("--audit", action="store_true", help="the id is an audit's")
+    p.add_argument("--out", help="file to write (default: job-ID.html or audit-ID.html)")
+    p.add_argument("--open", action="store_true", help="open it in a browser")
+    p.set_defaults(func=wrap(cmd_report))
+
+    p = subparsers.add_parser("export", help="an audit's table as CSV or JSON (drops in points)")
+    common(p, wait=False)
+    p.add_argument("id", help="audit id")
+    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.add_argument("--out", help="file to write (default: standard output)")
+    p.set_defaults(func=wrap(cmd_export))

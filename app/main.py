@@ -27,7 +27,7 @@ Indiscriminate data-poisoning audits of linear heads on frozen pre-trained encod
 (`poisonaudit create-team NAME --with-key` prints one; `poisonaudit create-key TEAM` makes another).
 
 1. An encoder: upload a checkpoint (`POST /v1/encoders`, multipart, safetensors or a torch.save
-   state dict) or pre-train one with SimCLR (`POST /v1/encoders`, JSON), then wait until it is `ready`.
+   state dict) or pre-train one with SimCLR (`POST /v1/encoders/pretrain`, JSON), then wait until it is `ready`.
 2. An audit with no knobs set runs the paper's table at epsilon 0.03 and 0.1:
    `POST /v1/audits {"encoder": ID, "dataset": "digits"}`; or one attack: `POST /v1/jobs`.
 3. Poll `GET /v1/audits/{id}` (or `/v1/jobs/{id}`) until it is finished; read the clean and poisoned

@@ -104,7 +104,7 @@ def test_ready(a, stack):
 def test_upload_dataset_and_pretrain_an_encoder(a, stack, digits_npz):
     with open(digits_npz, "rb") as f:
         ds = a.post("/v1/datasets", files={"file": ("d.npz", f)}, data={"name": "digits200"}).json()
-    r = a.post("/v1/encoders", json={"name": "simclr", "architecture": "small_cnn", "dataset": ds["id"],
+    r = a.post("/v1/encoders/pretrain", json={"name": "simclr", "architecture": "small_cnn", "dataset": ds["id"],
                                      "spec": {"in_channels": 1, "width": 8}, "config": {"epochs": 1, "batch_size": 64}})
     assert r.status_code == 202, r.text
     job = wait_job(a, r.json()["job"]["id"])

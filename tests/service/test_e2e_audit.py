@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 import time
@@ -185,7 +186,7 @@ def test_paper_orderings(stack):
     assert len(lines) == (6 if any(r["attack"] == "gc_input" for r in t["rows"]) else 4)
 
 
-def test_python_client_and_cli(stack, tmp_path):
+def test_python_client_and_cli(stack, tmp_path, tiny_encoder_dir, digits_npz):
     from app.client import ApiError, Client
 
     seen = []
@@ -203,6 +204,22 @@ def test_python_client_and_cli(stack, tmp_path):
         with pytest.raises(ApiError) as err:
             c.submit_audit(encoder=stack["encoder"], dataset="digits", attacks=[{"name": "nope"}], epsilons=[0.1])
         assert err.value.status == 422 and "attacks.0.name" in str(err.value) and "gradpc" in str(err.value)
+        # encoders, datasets and reports: the first steps of an audit and its results, without curl
+        assert stack["encoder"] in [str(e.id) for e in c.list_encoders().data]
+        assert c.get_encoder(stack["encoder"]).status == "ready"
+        up = c.upload_encoder(tiny_encoder_dir / "encoder.safetensors", architecture="small_cnn", name="py-client",
+                              spec={"in_channels": 1, "width": 8})
+        enc = c.wait_encoder(up.encoder.id, poll_s=0.3, timeout_s=120)
+        assert enc.status == "ready" and enc.name == "py-client" and enc.sha256, enc
+        with pytest.raises(ApiError) as err:
+            c.upload_encoder(tiny_encoder_dir / "encoder.safetensors", architecture="nope")
+        assert err.value.status == 422 and "small_cnn" in str(err.value)
+        ds = c.upload_dataset(digits_npz, name="py-digits")
+        assert ds.kind == "upload" and ds.name == "py-digits"
+        assert ds.id in [d.id for d in c.list_datasets().data] and c.get_dataset(ds.id).sha256 == ds.sha256
+        report = c.audit_report(stack["audit"]["id"])
+        assert report.lstrip().lower().startswith("<!doctype html") and "feature_matching" in report
+        assert str(job.id) in c.job_report(job.id)
 
     env = {**clean_env(), "POISONAUDIT_URL": stack["base"], "POISONAUDIT_API_KEY": stack["key"]}
 
@@ -224,6 +241,37 @@ def test_python_client_and_cli(stack, tmp_path):
     r = cli("audit", "--encoder", stack["encoder"], "--dataset", "digits", "--attack", "gradpc", "--attack-params",
             'gradpc={"eps_w": 2}', "--epsilon", "0.05", "--head", '{"epochs": 20}', "--poll", "0.5", "--timeout", "120")
     assert r.returncode == 0 and "gradpc" in r.stdout and "audit" in r.stdout, r
+    r = cli("encoders", "list")
+    assert r.returncode == 0 and stack["encoder"] in r.stdout and "py-client" in r.stdout, r
+    r = cli("encoders", "upload", str(tiny_encoder_dir / "encoder.safetensors"), "--architecture", "small_cnn",
+            "--name", "cli-enc", "--spec", '{"in_channels": 1, "width": 8}', "--poll", "0.3", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "ready", r
+    r = cli("encoders", "upload", str(tmp_path / "missing.pt"), "--architecture", "small_cnn")
+    assert r.returncode == 2 and "no such file" in r.stderr, r
+    r = cli("datasets", "upload", str(digits_npz), "--name", "cli-digits")
+    assert r.returncode == 0 and "cli-digits" in r.stdout and "upload" in r.stdout, r
+    r = cli("datasets", "list")
+    assert r.returncode == 0 and "digits" in r.stdout and "cli-digits" in r.stdout, r
+    r = cli("report", stack["audit"]["id"], "--audit", "--out", str(tmp_path / "audit.html"))
+    assert r.returncode == 0 and "<table" in (tmp_path / "audit.html").read_text(), r
+    r = cli("report", stack["fm_job"], "--out", str(tmp_path / "job.html"))
+    assert r.returncode == 0 and stack["fm_job"] in (tmp_path / "job.html").read_text(), r
+    audit = Client(stack["base"], stack["key"]).get_audit(stack["audit"]["id"])
+    r = cli("export", stack["audit"]["id"], "--format", "csv", "--out", str(tmp_path / "audit.csv"))
+    assert r.returncode == 0, r
+    import csv
+
+    with open(tmp_path / "audit.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(audit.table.rows) * len(audit.table.epsilons)
+    first = audit.table.rows[0]
+    cell = first.cells[str(float(audit.table.epsilons[0]))]
+    assert rows[0]["label"] == first.label and float(rows[0]["epsilon"]) == audit.table.epsilons[0]
+    assert float(rows[0]["drop_points_mean"]) == pytest.approx(100 * cell.drop.mean)
+    r = cli("export", stack["audit"]["id"], "--format", "json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["rows"]) == len(rows), r
+    r = cli("export", stack["audit"]["id"], "--format", "xml")
+    assert r.returncode == 2 and "csv" in r.stderr and "json" in r.stderr, r
     r = subprocess.run([sys.executable, "-m", "app.cli", "wait", stack["fm_job"]],
                        env={**env, "POISONAUDIT_URL": "http://127.0.0.1:9"}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and "cannot reach" in r.stderr
@@ -237,8 +285,9 @@ def test_audits_of_another_team_answer_404(stack):
         assert b.get("/v1/audits").json()["count"] == 0
 
 
-def test_a_generated_client_submits_and_polls(stack, tmp_path):
-    """openapi-python-client, offline, from the running app's /openapi.json."""
+def test_a_generated_client_imports_uploads_submits_and_polls(stack, tmp_path, tiny_encoder_dir):
+    """openapi-python-client, offline, from the running app's /openapi.json: every module it
+    generates imports, and it uploads an encoder, submits a job and polls it."""
     spec = tmp_path / "openapi.json"
     spec.write_text(httpx.get(stack["base"] + "/openapi.json").text)
     exe = Path(sys.executable).with_name("openapi-python-client")
@@ -251,11 +300,25 @@ def test_a_generated_client_submits_and_polls(stack, tmp_path):
     sys.path.insert(0, str(tmp_path))
     try:
         gen = importlib.import_module("pa_generated")
+        modules = [m.name for m in pkgutil.walk_packages(gen.__path__, "pa_generated.")]
+        for name in modules:
+            importlib.import_module(name)  # create_encoder once failed here (NameError: Unset)
+        assert "pa_generated.api.encoders.create_encoder" in modules and len(modules) > 50
+        create_encoder = importlib.import_module("pa_generated.api.encoders.create_encoder")
+        types = importlib.import_module("pa_generated.types")
         create_job = importlib.import_module("pa_generated.api.jobs.create_job")
         read_job = importlib.import_module("pa_generated.api.jobs.read_job")
         read_audit = importlib.import_module("pa_generated.api.audits.read_audit")
         models = importlib.import_module("pa_generated.models")
         client = gen.AuthenticatedClient(base_url=stack["base"], token=stack["key"], raise_on_unexpected_status=True)
+        with open(tiny_encoder_dir / "encoder.safetensors", "rb") as f:
+            upload = models.CreateEncoderBody(
+                file=types.File(payload=f, file_name="tiny.safetensors"),
+                architecture=models.CreateEncoderBodyArchitecture("small_cnn"), name="generated",
+                spec=json.dumps({"in_channels": 1, "width": 8}))
+            created = create_encoder.sync(client=client, body=upload)
+        assert isinstance(created, models.EncoderCreated), created
+        assert created.encoder.name == "generated" and created.encoder.status.value in ("ready", "validating")
         body = models.JobCreate.from_dict({"encoder": stack["encoder"], "dataset": "digits", "attack": "gradpc",
                                            "params": {"eps_w": 2.0}, "head": {"epochs": 20}})
         job = create_job.sync(client=client, body=body)
