@@ -105,8 +105,9 @@ class ProblemDetail(BaseModel):
 
 
 class ProgressPublic(BaseModel):
-    stage: str | None
-    fraction: float | None
+    stage: str | None = Field(description="The stage running now (features, clean_head, gradpc, gc_feature, ...).")
+    fraction: float | None = Field(description="Overall fraction of the job done, by stage weights: it never goes "
+                                               "backwards; 1.0 when the job has succeeded.")
     updated_at: datetime | None
 
 

@@ -74,3 +74,38 @@ def checks(fn: Callable[[], None], interval: float = 0.05) -> Iterator[None]:
     finally:
         _check.reset(token)
 
+
+
+# Stage weights of a job, in the order the stages run (an attack runs only its own stages; the
+# ones it skips are jumped over). They turn (stage, fraction within the stage) into one overall
+# fraction that never goes backwards.
+JOB_STAGES: tuple[tuple[str, float], ...] = (
+    ("loading", 2), ("features", 8), ("clean_head", 4),
+    ("gradpc", 10), ("gc_feature", 20), ("gc_input", 30), ("feature_matching", 25),
+    ("decoder_training", 20), ("decoder_inversion", 8), ("tgda_input", 40), ("emn", 40), ("emn_finetune", 10),
+    ("evaluation", 4), ("defences", 8),
+)
+PRETRAIN_STAGES: tuple[tuple[str, float], ...] = (("loading", 5), ("pretrain", 95))
+
+
+class OverallProgress:
+    """``overall(stage, fraction) -> float`` in [0, 1): the weighted position of the stage in its
+    sequence, never below the value it returned before (a stage met again, or out of order, keeps
+    the fraction where it was). Unknown stages keep it too. 1.0 is for the caller to set when the
+    job has succeeded."""
+
+    def __init__(self, stages: tuple[tuple[str, float], ...] = JOB_STAGES):
+        total = float(sum(w for _, w in stages))
+        self._at: dict[str, tuple[float, float]] = {}
+        done = 0.0
+        for name, w in stages:
+            self._at[name] = (done / total, w / total)
+            done += w
+        self.value = 0.0
+
+    def __call__(self, stage: str | None, fraction: float | None) -> float:
+        at = self._at.get(stage or "")
+        if at is not None:
+            f = min(max(float(fraction or 0.0), 0.0), 1.0)
+            self.value = max(self.value, min(at[0] + at[1] * f, 0.999))
+        return self.value

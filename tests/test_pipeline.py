@@ -143,6 +143,31 @@ def test_cancellation_stops_the_attack(tiny_encoder, digits_small):
     assert "feature_matching" not in seen
 
 
+def test_overall_progress_never_goes_backwards_across_stages(tiny_encoder, digits_small):
+    """A job's stages each report 0..1 (so the raw fraction falls at every new stage: issue #16);
+    the overall fraction the worker stores, by stage weights, only rises and stops short of 1
+    (the worker sets 1.0 when the job has succeeded)."""
+    from attacks.progress import JOB_STAGES, PRETRAIN_STAGES, OverallProgress
+
+    seen = []
+    run_job(encoder=tiny_encoder, dataset=digits_small, attack="feature_matching", epsilon=0.05,
+            params={"gc_steps": 40, "fm_steps": 20}, device="cpu", progress=lambda s, f: seen.append((s, f)))
+    stages = list(dict.fromkeys(s for s, _ in seen))
+    assert {"features", "clean_head", "gradpc", "gc_feature", "feature_matching", "evaluation"} <= set(stages)
+    assert all(s in dict(JOB_STAGES) for s in stages), stages  # every stage the engine reports has a weight
+    raw = [f for _, f in seen]
+    assert any(b < a for a, b in zip(raw, raw[1:])), "the raw per-stage fraction should fall somewhere"
+    overall = OverallProgress()
+    values = [overall(s, f) for s, f in seen]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert 0.9 < values[-1] < 1.0 and values[0] < 0.1
+    # a stage met again (the sweep's short GCs, a re-reported stage) keeps the value; unknown ones too
+    v = overall.value
+    assert overall("features", 0.0) == v and overall("starting", 0.5) == v and overall(None, None) == v
+    pre = OverallProgress(PRETRAIN_STAGES)
+    assert pre("loading", 1.0) == pytest.approx(0.05) and pre("pretrain", 0.5) == pytest.approx(0.525)
+
+
 def test_feature_matching_divergence_is_an_error_not_a_nan(tiny_encoder, digits_small):
     from attacks.feature_matching import match_features
 

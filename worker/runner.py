@@ -40,7 +40,7 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from attacks.progress import Cancelled, checks
+from attacks.progress import JOB_STAGES, PRETRAIN_STAGES, Cancelled, OverallProgress, checks
 
 from app import reaper
 from app.db import new_session, retry_db, utcnow
@@ -124,7 +124,8 @@ class JobRun:
         self.worker = worker
         self.status: str = JobStatus.running
         self.stage: str | None = None
-        self.fraction: float | None = None
+        self.fraction: float | None = None  # overall, monotone (stage weights), what the API shows
+        self._overall = OverallProgress(PRETRAIN_STAGES if job.kind == JobKind.pretrain else JOB_STAGES)
         self.progress_at = None
         self.cancel = threading.Event()
         self.lost = threading.Event()
@@ -237,9 +238,9 @@ class JobRun:
         """The engine's callback, called between steps."""
         if stage != self.stage:
             log.info("stage %s", stage)
-        self.stage, self.fraction, self.progress_at = stage, float(fraction), utcnow()
+        self.stage, self.fraction, self.progress_at = stage, self._overall(stage, fraction), utcnow()
         if self._child is not None:
-            self._child.report(stage, self.fraction)
+            self._child.report(stage, float(fraction))
         self.check()
 
     def check(self) -> None:
@@ -287,7 +288,7 @@ class JobRun:
                     if msg[0] != "progress":
                         outcome = msg
                         break
-                    self.stage, self.fraction, self.progress_at = msg[1], msg[2], utcnow()
+                    self.stage, self.fraction, self.progress_at = msg[1], self._overall(msg[1], msg[2]), utcnow()
                 elif not proc.is_alive():
                     break
                 now = time.monotonic()
