@@ -2,12 +2,14 @@
 .PHONY: serve test bench bootstrap
 
 bootstrap:
-	@bash scripts/bootstrap.sh
+	@bash scripts/bootstrap.sh test
 
-serve: bootstrap
+serve:
+	@bash scripts/bootstrap.sh serve
 	.venv/bin/poisonaudit serve
 
-test: bootstrap
+test:
+	@bash scripts/bootstrap.sh test
 	@bash scripts/services.sh
 	.venv/bin/python -m pytest -q
 
