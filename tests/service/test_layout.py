@@ -50,3 +50,16 @@ def test_dockerfile_builds_api_and_worker_targets():
     assert "FROM python:3.11" in text
     assert "AS api" in text and "AS worker" in text
     assert "HEALTHCHECK" in text or "healthz" in text
+
+
+def test_make_serve_installs_only_what_serving_needs():
+    """`make serve` bootstraps the `serve` target (no test extras), `make test` the `test` one; a
+    wrong target names the valid ones. (The installs themselves are proved from a fresh clone.)"""
+    root = REPO
+    plan = {t: subprocess.run(["make", "-n", t], cwd=root, capture_output=True, text=True).stdout for t in ("serve", "test")}
+    assert "bootstrap.sh serve" in plan["serve"] and "[test]" not in plan["serve"] and "bootstrap.sh test" not in plan["serve"]
+    assert "bootstrap.sh test" in plan["test"]
+    script = (root / "scripts" / "bootstrap.sh").read_text()
+    assert "serve) spec='.'" in script and "test) spec='.[test]'" in script
+    r = subprocess.run(["bash", str(root / "scripts" / "bootstrap.sh"), "nope"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 2 and "serve" in r.stderr and "test" in r.stderr
