@@ -70,6 +70,8 @@ __all__ = [
     "load_encoder",
     "load_state_dict_file",
     "normalize_state_dict",
+    "apply_key_map",
+    "layout_hint",
     "is_torchscript_archive",
     "WEIGHTS_FILE",
     "META_FILE",
@@ -143,10 +145,17 @@ class EncoderSpec:
     cifar_stem: bool = False
     width: int = 64
     feature_dim: int | None = None
+    preprocessing: str | None = None
+    key_map: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise EncoderError(f"unknown arch {self.arch!r}; valid choices: {', '.join(ARCHITECTURES)}")
+        if self.preprocessing is not None:
+            self._apply_preset()
+        if isinstance(self.key_map, (list, tuple)):
+            object.__setattr__(self, "key_map", tuple(tuple(p) if isinstance(p, (list, tuple)) else p
+                                                      for p in self.key_map))
         if not _is_int(self.in_channels) or self.in_channels < 1:
             raise EncoderError(f"in_channels must be a positive int, got {self.in_channels!r}")
         if self.input_size is not None and (not _is_int(self.input_size) or self.input_size < 1):
@@ -181,9 +190,33 @@ class EncoderSpec:
         except ValidationError as exc:
             raise EncoderError(f"invalid encoder spec: {specs.error_text(exc)}") from None
 
+    def _apply_preset(self) -> None:
+        """``preprocessing``: mean, std and input_size from :data:`attacks.specs.PRESETS` where
+        they are left at their defaults; explicit values must agree with the preset."""
+        if self.preprocessing not in specs.PRESETS:
+            raise EncoderError(f"unknown preprocessing {self.preprocessing!r}; valid choices: {', '.join(specs.PRESETS)}")
+        mean, std, size = specs.PRESETS[self.preprocessing]
+        if len(mean) not in (1, self.in_channels):
+            raise EncoderError(f"preprocessing {self.preprocessing!r} is for {len(mean)}-channel images, "
+                               f"not in_channels={self.in_channels}")
+        for name, value in (("mean", mean), ("std", std)):
+            given = tuple(float(v) for v in getattr(self, name)) if hasattr(getattr(self, name), "__iter__") else None
+            default = (0.0,) if name == "mean" else (1.0,)
+            if given in (None, default):
+                object.__setattr__(self, name, value)
+            elif not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(given, value)) or len(given) != len(value):
+                raise EncoderError(f"{name} {list(given)} disagrees with preprocessing {self.preprocessing!r} "
+                                   f"({list(value)}); give one or the other")
+        if self.input_size is None and size is not None:
+            object.__setattr__(self, "input_size", size)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["key_map"] = [list(p) for p in self.key_map]
+        for name, default in (("preprocessing", None), ("key_map", [])):
+            if d[name] == default:
+                del d[name]  # as encoder.json files written before these fields
         return d
 
     @classmethod
@@ -512,7 +545,9 @@ def normalize_state_dict(
     ``predictor``, plus ``fc`` for CNNs and ``heads`` for ViT) unless the
     backbone itself has a module of that name; then strip one of ``module.``,
     ``base_encoder.``, ``encoder.``, ``backbone.``, ``model.`` when *every* key
-    carries it. Stops early once the keys equal ``expected_keys``.
+    carries it; for resnets, rename ``nn.Sequential`` children (``f.N.*``, head ``g.*``) to
+    torchvision's names (:func:`_sequential_resnet`). Stops early once the keys equal
+    ``expected_keys``. A spec's ``key_map`` is applied before (:func:`apply_key_map`).
     """
     if arch not in ARCHITECTURES:
         raise EncoderError(f"unknown arch {arch!r}; valid choices: {', '.join(ARCHITECTURES)}")
@@ -528,13 +563,78 @@ def normalize_state_dict(
             if sd and all(k.startswith(prefix) for k in sd):
                 sd = {k[len(prefix) :]: v for k, v in sd.items()}
                 break
+        if arch in _RESNETS:
+            sd = _sequential_resnet(sd) or sd
         if set(sd) == before:
             return sd
 
 
+def apply_key_map(state_dict: Mapping[str, Tensor], key_map: tuple[tuple[str, str], ...]) -> dict[str, Tensor]:
+    """Renames keys by literal prefixes, in order: each ``(old, new)`` turns ``old...`` into ``new...``."""
+    sd = dict(state_dict)
+    for old, new in key_map:
+        renamed: dict[str, Tensor] = {}
+        for k, v in sd.items():
+            k2 = new + k[len(old):] if k.startswith(old) else k
+            if k2 in renamed:
+                raise EncoderError(f"key_map {[old, new]!r} maps two keys onto {k2!r}")
+            renamed[k2] = v
+        sd = renamed
+    return sd
+
+
+def _sequential_resnet(sd: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """A ResNet kept as ``nn.Sequential`` children (``f.N.*``, projection head ``g.*``: SimCLR
+    implementations that drop ``fc`` and the max-pool, e.g. leftthomas/SimCLR) renamed to
+    torchvision's names: the first conv is ``conv1``, the first BatchNorm ``bn1``, the children
+    made of blocks ``layer1``..``layer4`` in order. None when the keys are not of that form."""
+    if not sd or not all(k.startswith(("f.", "g.")) for k in sd):
+        return None
+    groups: dict[int, dict[str, Tensor]] = {}
+    for k, v in sd.items():
+        if k.startswith("f."):
+            idx, _, rest = k[2:].partition(".")
+            if not idx.isdigit() or not rest:
+                return None
+            groups.setdefault(int(idx), {})[rest] = v
+    names: dict[int, str] = {}
+    layers = 0
+    for idx in sorted(groups):
+        g = groups[idx]
+        if "weight" in g and g["weight"].ndim == 4 and "conv1" not in names.values():
+            names[idx] = "conv1"
+        elif "running_mean" in g and "bn1" not in names.values():
+            names[idx] = "bn1"
+        elif all(r.split(".", 1)[0].isdigit() for r in g) and layers < 4:
+            layers += 1
+            names[idx] = f"layer{layers}"
+        else:
+            return None
+    return {f"{names[i]}.{rest}": v for i, g in groups.items() for rest, v in g.items()}
+
+
+def layout_hint(keys: set[str], arch: str) -> str | None:
+    """What a state dict's keys look like, when they say so and it is not ``arch``."""
+    def has(*names: str) -> bool:
+        return any(n in keys for n in names)
+
+    if any(k.startswith("visual.") for k in keys) or any(".attnpool." in f".{k}" for k in keys) or has(
+            "conv2.weight", "conv3.weight") and has("bn3.weight"):
+        return ("these keys look like CLIP's ModifiedResNet image tower (3-conv stem, attention pooling: OpenAI/"
+                "open_clip RN50), which is not an architecture here yet; valid: " + ", ".join(ARCHITECTURES))
+    if has("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight"):
+        return ("these keys look like a timm-named ViT (patch_embed, blocks.N.attn.qkv: MoCo v3, DINO, timm); only "
+                "torchvision's ViT naming is supported yet (vit_b_16: conv_proj, encoder.layers.encoder_layer_N)")
+    guess = ("vit_b_16" if has("conv_proj.weight") else "resnet50" if has("layer1.0.conv3.weight")
+             else "resnet18" if has("layer1.0.conv2.weight") else None)
+    if guess and guess != arch:
+        return f"these keys look like {guess}: use architecture {guess}"
+    return None
+
+
 def _load_into(encoder: Encoder, state_dict: Mapping[str, Tensor], source: str) -> None:
     target = encoder.backbone.state_dict()
-    sd = normalize_state_dict(state_dict, encoder.spec.arch, set(target))
+    sd = normalize_state_dict(apply_key_map(state_dict, encoder.spec.key_map), encoder.spec.arch, set(target))
     # Checkpoints from other frameworks often omit BatchNorm's step counters.
     for k in target:
         if k.endswith("num_batches_tracked") and k not in sd:
@@ -548,6 +648,9 @@ def _load_into(encoder: Encoder, state_dict: Mapping[str, Tensor], source: str) 
     ]
     if missing or unexpected or shapes:
         parts = [f"checkpoint {source!r} does not fit {encoder.spec.arch}"]
+        hint = layout_hint(set(sd), encoder.spec.arch)
+        if hint:
+            parts.append(hint)
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_fmt_keys(missing)}")
         if unexpected:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from attacks.catalogue import ARCHITECTURES
 
-__all__ = ["MAX_EPOCHS", "MAX_WIDTH", "EncoderSpec", "SimCLRConfig", "error_text"]
+__all__ = ["MAX_EPOCHS", "MAX_WIDTH", "PRESETS", "EncoderSpec", "SimCLRConfig", "error_text"]
 
 MAX_EPOCHS = 1000
 MAX_WIDTH = 1024
@@ -29,6 +29,17 @@ VIT_INPUT_SIZE = 224
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,3})$")
 
 _Norm = Annotated[float, Field(ge=-1e3, le=1e3)]
+
+# Preprocessing presets: (mean, std, input_size) of the published pre-training pipelines
+# (torchvision's ImageNet weights, OpenAI CLIP, the usual CIFAR-10 statistics).
+PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...], int | None]] = {
+    "none": ((0.0,), (1.0,), None),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), 224),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), None),
+}
+MAX_KEY_MAP = 16
+_KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.]{0,200}$")
 
 
 class _Strict(BaseModel):
@@ -54,6 +65,40 @@ class EncoderSpec(_Strict):
     cifar_stem: bool = Field(False, description="resnets only: 3x3 stride-1 conv1 and no max-pool.")
     width: int = Field(64, ge=1, le=MAX_WIDTH, description="small_cnn base width.")
     feature_dim: int | None = Field(None, ge=1, le=65_536, description="Backbone output dim (filled in when built).")
+    preprocessing: Literal[tuple(PRESETS)] | None = Field(  # type: ignore[valid-type]
+        None, description="A preset for mean, std and input_size: " + ", ".join(PRESETS) + " (imagenet and clip "
+        "resize to 224). Sets the fields left at their defaults; explicit values must agree.")
+    key_map: tuple[Annotated[tuple[Annotated[str, Field(max_length=200)], Annotated[str, Field(max_length=200)]],
+                             Field(strict=False)], ...] = Field(
+        (), max_length=MAX_KEY_MAP, strict=False,
+        description="Checkpoint key renames, applied in order before loading: pairs [old_prefix, new_prefix] "
+        "(literal prefixes of letters, digits, '_' and '.'; '' as new_prefix strips it).")
+
+    @field_validator("preprocessing")
+    @classmethod
+    def _preset_fits(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        mean, std, _ = PRESETS[v]
+        c = info.data.get("in_channels")
+        if c is not None and len(mean) not in (1, c):
+            raise ValueError(f"preprocessing {v!r} is for {len(mean)}-channel images, not in_channels={c}")
+        for name, preset, default in (("mean", mean, (0.0,)), ("std", std, (1.0,))):
+            given = info.data.get(name)
+            if given is not None and tuple(given) != default and (
+                    len(given) != len(preset) or any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(given, preset))):
+                raise ValueError(f"{name} {list(given)} disagrees with preprocessing {v!r} ({list(preset)}); "
+                                 "give one or the other")
+        return v
+
+    @field_validator("key_map")
+    @classmethod
+    def _prefixes(cls, v: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        for old, new in v:
+            if not old or not _KEY_PREFIX.match(old) or not _KEY_PREFIX.match(new):
+                raise ValueError(f"key_map pairs are literal key prefixes (letters, digits, '_', '.'), "
+                                 f"the first non-empty; got {[old, new]!r}")
+        return v
 
     @field_validator("in_channels")
     @classmethod

@@ -342,6 +342,96 @@ def test_moco_v3_resnet_checkpoint_loads(tmp_path):
     assert torch.equal(loaded(x), source(x))
 
 
+def test_sequential_simclr_resnet_checkpoint_loads_with_the_same_features(tmp_path):
+    """SimCLR kept as nn.Sequential children (leftthomas/SimCLR: ``f`` = resnet18's children
+    without fc and max-pool, 3x3 stem; projection head ``g``): ``f.N.*`` are renamed to
+    torchvision's names and the features equal ``f(x)`` flattened."""
+    import torchvision
+
+    torch.manual_seed(3)
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    f = torch.nn.Sequential(*[m for n, m in net.named_children() if n not in ("fc", "maxpool")])
+    g = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.BatchNorm1d(512), torch.nn.ReLU(),
+                            torch.nn.Linear(512, 128))
+    model = torch.nn.Module()
+    model.f, model.g = f, g
+    with torch.no_grad():
+        f.train()(torch.rand(8, 3, 32, 32))  # running stats off their defaults
+    f.eval()
+    path = tmp_path / "128_0.5_200_512_500_model.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_encoder(path, EncoderSpec("resnet18", cifar_stem=True))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), torch.flatten(f(x), 1), atol=1e-5)
+    assert loaded.feature_dim == 512
+
+
+def test_key_map_renames_literal_prefixes(small, tmp_path):
+    path = tmp_path / "trunk.pt"
+    torch.save({f"trunk.net.{k}": v for k, v in _sd(small).items()}, path)
+    with pytest.raises(EncoderError, match="missing keys"):
+        load_encoder(path, _small_spec())
+    spec = EncoderSpec("small_cnn", in_channels=1, width=8, key_map=[["trunk.net.", ""]])
+    loaded = load_encoder(path, spec)
+    x = torch.rand(2, 1, 12, 12)
+    assert torch.equal(loaded(x), small(x))
+    assert spec.to_json()["key_map"] == [["trunk.net.", ""]] and EncoderSpec.from_json(spec.to_json()) == spec
+    for bad in ([["a(b", ""]], [["", "x"]], [["a", "b", "c"]], [["x", "y"]] * 17):
+        with pytest.raises(EncoderError, match="key_map"):
+            EncoderSpec("small_cnn", in_channels=1, key_map=bad)
+    from attacks.encoders import apply_key_map
+
+    with pytest.raises(EncoderError, match="two keys"):
+        apply_key_map({"a.w": torch.zeros(1), "b.w": torch.zeros(1)}, (("a.", "b."),))
+
+
+@pytest.mark.parametrize("keys, arch, says", [
+    # OpenAI / open_clip RN50 image tower: 3-conv stem, attention pooling
+    ({"conv1.weight", "conv2.weight", "conv3.weight", "bn3.weight", "attnpool.c_proj.weight",
+      "layer1.0.conv3.weight"}, "resnet50", "CLIP's ModifiedResNet"),
+    ({"visual.conv1.weight", "visual.attnpool.k_proj.weight", "transformer.resblocks.0.attn.in_proj_weight"},
+     "resnet50", "CLIP's ModifiedResNet"),
+    ({"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"}, "vit_b_16", "timm-named ViT"),
+    ({"conv1.weight", "layer1.0.conv3.weight", "fc.weight"}, "resnet18", "use architecture resnet50"),
+    ({"conv1.weight", "layer1.0.conv2.weight"}, "resnet50", "use architecture resnet18"),
+    ({"conv_proj.weight", "encoder.layers.encoder_layer_0.ln_1.weight"}, "resnet18", "use architecture vit_b_16"),
+])
+def test_a_mismatch_names_the_layout_the_keys_look_like(tmp_path, keys, arch, says):
+    path = tmp_path / "ckpt.pt"
+    torch.save({k: torch.zeros(2, 2) for k in keys}, path)
+    spec = EncoderSpec(arch, input_size=224) if arch == "vit_b_16" else EncoderSpec(arch)
+    with pytest.raises(EncoderError, match="does not fit") as err:
+        load_encoder(path, spec)
+    assert says in str(err.value)
+
+
+def test_preprocessing_presets_fill_mean_std_and_size():
+    from attacks import specs
+
+    s = EncoderSpec("resnet50", preprocessing="imagenet")
+    assert s.mean == (0.485, 0.456, 0.406) and s.std == (0.229, 0.224, 0.225) and s.input_size == 224
+    assert EncoderSpec.from_json(s.to_json()) == s
+    c = EncoderSpec("resnet18", preprocessing="cifar10", cifar_stem=True)
+    assert c.input_size is None and c.mean[0] == pytest.approx(0.4914)
+    assert EncoderSpec("resnet18", preprocessing="clip", input_size=288).input_size == 288  # explicit wins
+    assert EncoderSpec("resnet18", preprocessing="imagenet", mean=(0.485, 0.456, 0.406)).std[2] == 0.225
+    for kw, match in ((dict(mean=(0.5, 0.5, 0.5)), "disagrees"), (dict(preprocessing="nope"), "valid choices")):
+        with pytest.raises(EncoderError, match=match):
+            EncoderSpec("resnet18", **{"preprocessing": "imagenet", **kw})
+    with pytest.raises(EncoderError, match="3-channel"):
+        EncoderSpec("small_cnn", in_channels=1, preprocessing="clip")
+    # the API's torch-free model says the same (422 naming spec.preprocessing)
+    with pytest.raises(ValueError, match="3-channel"):
+        specs.EncoderSpec.model_validate({"arch": "small_cnn", "in_channels": 1, "preprocessing": "clip"})
+    # the preset changes what the encoder sees: an ImageNet-normalised, resized input
+    enc = freeze(_encoder(EncoderSpec("resnet18", preprocessing="imagenet")))
+    plain = freeze(_encoder(EncoderSpec("resnet18", input_size=224)))
+    x = torch.rand(1, 3, 32, 32)
+    assert not torch.allclose(enc(x), plain(x))
+
+
 def test_normalize_state_dict_keeps_vit_own_encoder_prefix():
     sd = {"class_token": torch.zeros(1), "conv_proj.weight": torch.zeros(1), "encoder.ln.weight": torch.zeros(1)}
     assert normalize_state_dict(sd, "vit_b_16") == sd

@@ -199,6 +199,10 @@ BAD_UPLOAD_SPEC = [
     ("in_channels_1e6", {"in_channels": 1e6}, "spec.in_channels"),
     ("unknown", {"depth": 50}, "spec.depth"),
     ("junk_string", {"in_channels": 1, "note": "x" * 900_000}, "spec.note"),
+    ("preset_for_rgb", {"in_channels": 1, "preprocessing": "imagenet"}, "spec.preprocessing"),
+    ("preset_unknown", {"in_channels": 1, "preprocessing": "places365"}, "spec.preprocessing"),
+    ("key_map_regex", {"in_channels": 1, "key_map": [["(a+)+$", ""]]}, "spec.key_map"),
+    ("key_map_long", {"in_channels": 1, "key_map": [["a.", "b."]] * 17}, "spec.key_map"),
 ]
 
 
