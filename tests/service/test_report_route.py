@@ -141,8 +141,8 @@ def test_audit_table_and_report_give_poisons_and_removals_per_cell(client, sessi
 
     r = client.get(f"/v1/audits/{a['id']}/report", headers=h)
     assert r.status_code == 200
-    rows = {row[1].split(" removed")[0] if len(row) == 4 else row[0].split(" removed")[0]: row[-2:]
-            for row in _cells(r.text, "removals-table")[1:]}
+    # removals-table rows: [attack (first row of the attack only), what, eps 0.03, eps 0.1]
+    rows = {row[-3].split(" removed")[0]: row[-2:] for row in _cells(r.text, "removals-table")[1:]}
     assert rows["poisons per job"] == ["30", "100"]
     assert rows["knn"][0].startswith("9 ± 4.2 / 30 (30.0 ± 14.1%)") and "clean points removed 15 ± 7.1" in rows["knn"][0]
     assert rows["linf"][0].startswith("30 / 30 (100.0%)") and rows["knn"][1] == "–"
@@ -150,7 +150,8 @@ def test_audit_table_and_report_give_poisons_and_removals_per_cell(client, sessi
     for jid in jobs.values():
         assert f'href="/v1/jobs/{jid}/report"' in r.text
     jobs_table = _cells(r.text, "jobs-table")
-    assert {row[-1] if row[-1] in jobs.values() else row[-2] for row in jobs_table[1:]} == set(jobs.values())
+    assert jobs_table[0] == ["label", "epsilon", "seed", "status", "id", "error"]
+    assert {row[4] for row in jobs_table[1:]} == set(jobs.values())
     assert "job reports: seed 0 · seed 1" in " ".join(_cells(r.text, "results-table")[1])
     enc = {row[0]: row[1] for row in _cells(r.text, "encoder-table")}
     assert enc["name"] == "tiny" and enc["architecture"] == "small_cnn" and enc["fingerprint"] == "fp-1"
