@@ -19,8 +19,11 @@ some succeeded and some failed or were cancelled).
 Table: one row per attack entry and beta (attacks without a beta: one row, beta
 null), one cell per epsilon keyed ``str(float(epsilon))``. A cell aggregates its
 succeeded jobs over seeds: mean, sample std (0 when n = 1) and n of the poisoned
-accuracy and the drop; per-defence accuracy when the jobs report
-``metrics["defences"]`` ({name: {"accuracy": ...}}). The clean accuracy is taken
+accuracy, the drop and the number of poisons (``n_poisons``); per-defence accuracy
+when the jobs report ``metrics["defences"]`` ({name: {"accuracy": ...}}), and per
+defence that applied the poisons it removed, that count over the job's poisons, and
+the clean points it removed (``removed``: {name: {"poisons_removed", "fraction",
+"clean_removed"}}). The clean accuracy is taken
 per seed (the mean over that seed's succeeded jobs, which share one clean head),
 then aggregated over seeds. GradPC's "poisoned accuracy" is its target's accuracy.
 """
@@ -47,7 +50,7 @@ from app.problems import Problem, invalid, unavailable, validation_problem
 from app.queue import JobQueue, queue_for_device
 from app.schemas import (
     AuditAttackPublic, AuditCell, AuditCreate, AuditJob, AuditJobCounts, AuditProgress, AuditPublic, AuditRow,
-    AuditSummary, AuditTable, AuditWorst, CellJobs, Stat,
+    AuditSummary, AuditTable, AuditWorst, CellJobs, DefenceRemoval, Stat,
 )
 from app.settings import Settings
 
@@ -262,6 +265,25 @@ def _stat(values: list[float]) -> Stat | None:
     return Stat(mean=statistics.fmean(values), std=std, n=len(values))
 
 
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _add_removal(out: dict[str, dict[str, list[float]]], name: str, result: Any, n_poisons: Any) -> None:
+    """One job's removal counts for one defence, when it applied and reported them (older jobs,
+    or defences that did not apply, add nothing)."""
+    if not isinstance(result, dict) or result.get("applicable") is False or not _is_num(result.get("poisons_removed")):
+        return
+    n = result.get("n_poisons") if _is_num(result.get("n_poisons")) else n_poisons
+    if not _is_num(n):
+        return
+    r = out.setdefault(name, {"poisons": [], "fraction": [], "clean": []})
+    r["poisons"].append(result["poisons_removed"])
+    r["fraction"].append(result["poisons_removed"] / n if n > 0 else 0.0)
+    if _is_num(result.get("clean_removed")):
+        r["clean"].append(result["clean_removed"])
+
+
 def _entry_index(audit: Audit) -> dict[tuple[str, str], int]:
     return {_params_key(a["name"], a.get("params") or {}): i for i, a in enumerate(audit.attacks)}
 
@@ -298,12 +320,14 @@ def build_table(audit: Audit, jobs: list[Job]) -> AuditTable:
                 cj = grouped.get((i, beta, eps_key(eps)), [])
                 ok = [j for j in cj if j.status == JobStatus.succeeded and j.metrics]
                 defs: dict[str, list[float]] = {}
+                removed: dict[str, dict[str, list[float]]] = {}
                 for j in ok:
                     d = j.metrics.get("defences")
                     if isinstance(d, dict):
                         for name, v in d.items():
-                            if isinstance(v, dict) and isinstance(v.get("accuracy"), (int, float)):
+                            if isinstance(v, dict) and _is_num(v.get("accuracy")):
                                 defs.setdefault(name, []).append(v["accuracy"])
+                            _add_removal(removed, name, v, j.metrics.get("n_poisons"))
                 cells[eps_key(eps)] = AuditCell(
                     poisoned_accuracy=_stat([j.metrics.get("poisoned_accuracy") for j in ok]),
                     drop=_stat([j.metrics.get("drop") for j in ok]),
@@ -311,6 +335,10 @@ def build_table(audit: Audit, jobs: list[Job]) -> AuditTable:
                                   failed=sum(j.status in (JobStatus.failed, JobStatus.cancelled) for j in cj),
                                   pending=sum(j.status in (JobStatus.queued, JobStatus.running) for j in cj)),
                     defences={k: s for k, s in ((k, _stat(v)) for k, v in sorted(defs.items())) if s is not None},
+                    n_poisons=_stat([j.metrics.get("n_poisons") for j in ok]),
+                    removed={k: DefenceRemoval(poisons_removed=_stat(v["poisons"]), fraction=_stat(v["fraction"]),
+                                               clean_removed=_stat(v["clean"]))
+                             for k, v in sorted(removed.items())},
                 )
             rows.append(AuditRow(attack=spec["name"], beta=beta, label=(spec.get("label") or spec["name"]) + _beta_label(beta),
                                  cells=cells))

@@ -45,6 +45,27 @@ def job_public(job: Job, artifacts: list[Artifact]) -> JobPublic:
     )
 
 
+def encoder_identity(session: Session, team_id: uuid.UUID, encoder_id: uuid.UUID | None, jobs: list[Job]) -> dict:
+    """What a report says about the encoder of a job or an audit: its row (name, architecture, spec,
+    source, the sha256 of its weights file), when it still exists and belongs to ``team_id``, and the
+    fingerprint(s) of the loaded weights that ``jobs`` reported (``metrics["encoder_fingerprint"]``;
+    a pre-training job's ``metrics["fingerprint"]``). Never raises for missing data."""
+    enc = session.get(Encoder, encoder_id) if encoder_id is not None else None
+    if enc is not None and enc.team_id != team_id:
+        enc = None
+    fingerprints: list[str] = []
+    for j in jobs:
+        m = j.metrics if isinstance(j.metrics, dict) else {}
+        fp = m.get("encoder_fingerprint") or (m.get("fingerprint") if j.kind == JobKind.pretrain else None)
+        if isinstance(fp, str) and fp and fp not in fingerprints:
+            fingerprints.append(fp)
+    out: dict = {"id": str(encoder_id) if encoder_id is not None else None, "fingerprints": fingerprints}
+    if enc is not None:
+        out.update(name=enc.name, architecture=enc.architecture, spec=enc.spec, source=enc.source,
+                   status=enc.status, weights_sha256=enc.sha256)
+    return out
+
+
 def artifacts_of(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Artifact]]:
     out: dict[uuid.UUID, list[Artifact]] = {i: [] for i in job_ids}
     if job_ids:

@@ -6,6 +6,11 @@ the one inline script is allowed by its hash). Every value that comes from a
 user or from a job (names, parameters, errors, metrics keys) goes through
 :func:`html.escape`.
 
+Links: the render functions take functions that give the address of another
+report (``job_href`` for an audit's jobs, ``audit_href`` for a job's audit); the
+API passes its own relative report paths, another front end its own. Without
+them ids are shown as text.
+
 The inline script only marks, after the page has loaded, each ``<img>`` with its
 decoded size (``data-natural-width`` / ``data-natural-height``) and the body
 with ``data-images-loaded``, so that a headless browser's DOM dump shows
@@ -22,7 +27,7 @@ import html
 import json
 import math
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 __all__ = ["render_audit_report", "render_job_report", "CSP"]
 
@@ -53,7 +58,8 @@ color:#555}.cell div{white-space:nowrap}
 
 JOB_FIGURES = {
     "figure-examples.png": "Clean images (top), their poisons (middle) and the perturbation between them "
-                           "(bottom, diverging colours centred on 0).",
+                           "(bottom, diverging colours centred on 0, each panel on its own symmetric scale with "
+                           "its max |δ| in its title; a poison identical to its base says so).",
     "figure-linf-histogram.png": "L_inf magnitude of the poisons against the clean data range (dashed lines).",
 }
 
@@ -161,15 +167,91 @@ def page(title: str, body: str) -> str:
     )
 
 
+Href = Callable[[str], str]
+
+
+def _href(fn: Href | None, ident: Any) -> str | None:
+    """``fn(ident)`` when both are given and the result is a plain address (relative, or http(s));
+    None otherwise (no function, no id, a scheme such as ``javascript:``, or a function that raised)."""
+    if fn is None or ident is None or str(ident) == "":
+        return None
+    try:
+        url = str(fn(str(ident)))
+    except Exception:  # noqa: BLE001 -- a caller's function must not cost the page
+        return None
+    scheme = url.split(":", 1)[0].lower() if ":" in url.split("/", 1)[0] else ""
+    return url if scheme in ("", "http", "https") else None
+
+
+def link(fn: Href | None, ident: Any, text: str | None = None, cls: str | None = None) -> str:
+    """``<a href=fn(ident)>`` around the (escaped) text, or the text alone when there is no address."""
+    label = f"<code>{e(ident)}</code>" if text is None else text
+    url = _href(fn, ident)
+    if url is None:
+        return label
+    return f'<a href="{e(url)}"' + (f' class="{e(cls)}"' if cls else "") + f">{label}</a>"
+
+
+def _encoder_rows(encoder: dict | None, fallback_id: Any, fallback_fps: list) -> list[tuple[str, Any]]:
+    enc = encoder if isinstance(encoder, dict) else {}
+    fps = enc.get("fingerprints")
+    if not isinstance(fps, list) or not fps:
+        fps = [f for f in fallback_fps if f]
+    fps = [str(f) for f in dict.fromkeys(fps)]
+    rows: list[tuple[str, Any]] = [
+        ("name", enc.get("name")), ("architecture", enc.get("architecture")),
+        ("fingerprint" if len(fps) <= 1 else f"fingerprints ({len(fps)} different: the jobs disagree)",
+         ", ".join(fps) if fps else None),
+        ("weights file sha256", enc.get("weights_sha256")), ("id", enc.get("id") or fallback_id),
+        ("source", enc.get("source")), ("spec", enc.get("spec")),
+    ]
+    return [(k, v) for k, v in rows if v not in (None, "", {})]
+
+
+def encoder_section(encoder: dict | None, fallback_id: Any = None, fallback_fps: Iterable = ()) -> str:
+    """The encoder's identity: name, architecture, the fingerprint of its weights as the jobs
+    loaded them, the sha256 of its weights file, id and spec (what is known of them)."""
+    rows = _encoder_rows(encoder, fallback_id, list(fallback_fps))
+    known = {k for k, _ in rows}
+    note = ""
+    if "name" not in known and (encoder is not None or fallback_id is not None):
+        note = '<p class="small na">The encoder\'s record is not available (deleted, or not given to this page).</p>'
+    if "fingerprint" not in known and not any(k.startswith("fingerprints") for k in known):
+        note += '<p class="small na">No job has reported the fingerprint of the encoder\'s weights yet.</p>'
+    if not rows:
+        return ('<h2>Encoder</h2><p class="na" id="encoder-none">No encoder information: the encoder\'s record is '
+                "not available (deleted, or not given to this page) and no job has reported its fingerprint.</p>")
+    return "<h2>Encoder</h2>" + kv_table(rows, "encoder-table") + note
+
+
+def _encoder_brief(encoder: dict | None) -> str:
+    enc = encoder if isinstance(encoder, dict) else {}
+    if not enc.get("name") and not enc.get("architecture"):
+        return ""
+    arch = f" ({e(enc.get('architecture'))})" if enc.get("architecture") else ""
+    return f' · encoder <span id="encoder-name">{e(enc.get("name") or enc.get("id"))}</span>{arch}'
+
+
 # ------------------------------------------------------------------ job
-def render_job_report(job_public: dict, figures: dict[str, bytes]) -> str:
-    """The report page of one job (``JobPublic`` as JSON-ready dict) with its PNG figures."""
+def render_job_report(job_public: dict, figures: dict[str, bytes], *, audit_href: Href | None = None,
+                      encoder: dict | None = None) -> str:
+    """The report page of one job (``JobPublic`` as JSON-ready dict) with its PNG figures.
+
+    audit_href: gives the address of an audit's report from its id; the job's audit (when it
+    belongs to one) is then a link. encoder: what is known of the job's encoder
+    (:func:`app.jobs.encoder_identity`: name, architecture, fingerprints, weights_sha256, id,
+    source, spec); without it the page shows the id and the fingerprint from the job's metrics."""
     j = job_public
     m = j.get("metrics") or {}
+    if not isinstance(m, dict):
+        m = {}
     status = str(j.get("status", "unknown"))
     title = f"poisonaudit report: {j.get('attack') or j.get('kind', 'job')} (job {j.get('id')})"
+    in_audit = (f' · part of audit <span id="audit-link">{link(audit_href, j.get("audit"))}</span>'
+                if j.get("audit") else "")
     out = [f"<h1>{e(j.get('attack') or j.get('kind'))} audit job</h1>",
-           f'<p class="sub">Job <code>{e(j.get("id"))}</code> · dataset <code>{e(j.get("dataset"))}</code> · '
+           f'<p class="sub">Job <code>{e(j.get("id"))}</code> · dataset <code>{e(j.get("dataset"))}</code>'
+           f'{_encoder_brief(encoder)}{in_audit} · '
            f'<span class="badge {e(status)}" id="status">{e(status)}</span></p>']
     if status != "succeeded":
         prog = j.get("progress") or {}
@@ -187,6 +269,9 @@ def render_job_report(job_public: dict, figures: dict[str, bytes]) -> str:
         out.append(_job_defences(m))
         out.append(_poison_stats(m.get("poison_stats") or {}))
     out.append("<h2>Figures</h2>" + figures_html(figures, JOB_FIGURES))
+    out.append(encoder_section(encoder, j.get("encoder"),
+                               [m.get("encoder_fingerprint") or (m.get("fingerprint") if j.get("kind") == "pretrain"
+                                                                 else None)]))
     out.append(_job_parameters(j, m))
     out.append(_job_provenance(j, m))
     return page(title, "\n".join(out))
@@ -291,13 +376,20 @@ def _eps_key(e_: Any) -> str:
     return f"{float(e_):g}" if _num(e_) is not None else str(e_)
 
 
+def _cells(row: dict) -> dict:
+    cells = row.get("cells")
+    return cells if isinstance(cells, dict) else {}
+
+
 def _cell_of(cells: dict, eps: Any) -> dict | None:
+    """The cell of ``eps`` (whatever string its key is), when it is a dict."""
     if str(eps) in cells:
-        return cells[str(eps)]
+        c = cells[str(eps)]
+        return c if isinstance(c, dict) else None
     for k, c in cells.items():
         try:
             if math.isclose(float(k), float(eps), rel_tol=1e-9, abs_tol=1e-12):
-                return c
+                return c if isinstance(c, dict) else None
         except (TypeError, ValueError):
             continue
     return None
@@ -320,27 +412,66 @@ def _jobs_text(jobs: Any) -> str:
     return ""
 
 
-def render_audit_report(audit_public: dict, figures: dict[str, bytes]) -> str:
+def _cell_jobs(jobs: Any, row: dict, x: Any) -> list[dict]:
+    """The audit's jobs of one cell (same row label and epsilon), by seed."""
+    if not isinstance(jobs, list):
+        return []
+    label = row.get("label")
+    out = []
+    for j in jobs:
+        if not isinstance(j, dict) or j.get("id") is None or (label is not None and j.get("label") != label):
+            continue
+        if label is None and (j.get("attack") != row.get("attack") or not _same_beta(j.get("beta"), row.get("beta"))):
+            continue
+        try:
+            if not math.isclose(float(j.get("epsilon")), float(x), rel_tol=1e-9, abs_tol=1e-12):
+                continue
+        except (TypeError, ValueError):
+            continue
+        out.append(j)
+    return sorted(out, key=lambda j: (str(j.get("seed")), str(j.get("id"))))
+
+
+def _same_beta(a: Any, b: Any) -> bool:
+    if _num(a) is None or _num(b) is None:
+        return a is None and b is None
+    return math.isclose(float(a), float(b), rel_tol=1e-9)
+
+
+def _cell_job_links(job_href: Href | None, jobs: list[dict]) -> str:
+    if job_href is None or not jobs:
+        return ""
+    parts = [link(job_href, j.get("id"), f"seed {e(j.get('seed'))}", cls="cell-job-link")
+             + ("" if j.get("status") in ("succeeded", None) else f" ({e(j.get('status'))})") for j in jobs]
+    return f'<div class="small">job reports: {" · ".join(parts)}</div>'
+
+
+def render_audit_report(audit_public: dict, figures: dict[str, bytes], *, job_href: Href | None = None,
+                        encoder: dict | None = None) -> str:
     """The report page of an audit. ``audit_public`` carries the audit table (under ``table``, or
     at the top level): {"clean_accuracy": {"mean", "std", "n"}, "epsilons": [...], "rows": [{"attack",
-    "beta", "label", "cells": {"<eps>": {"poisoned_accuracy", "drop", "jobs", "defences"}}}],
-    "summary": [...]}; every other top-level field is shown as a parameter, and ``provenance``
-    (a dict) in its own section. Accuracies are fractions in [0, 1]."""
+    "beta", "label", "cells": {"<eps>": {"poisoned_accuracy", "drop", "jobs", "defences", "n_poisons",
+    "removed"}}}], "summary": [...]}; every other top-level field is shown as a parameter, and ``provenance``
+    (a dict) in its own section. Accuracies are fractions in [0, 1], drops are shown in points.
+
+    job_href: gives the address of a job's report from its id; the jobs table's ids and each cell's
+    jobs are then links. encoder: what is known of the audit's encoder (:func:`app.jobs.encoder_identity`);
+    without it the page shows the encoder's id."""
     a = audit_public
     t = _audit_table(a)
     eps = list(t.get("epsilons") or [])
-    rows = list(t.get("rows") or [])
+    rows = [r for r in (t.get("rows") or []) if isinstance(r, dict)]
     status = a.get("status")
     title = f"poisonaudit audit report {a.get('name') or a.get('id') or ''}".strip()
     out = [f"<h1>Audit {e(a.get('name') or a.get('id') or '')}</h1>",
-           f'<p class="sub">Audit <code>{e(a.get("id"))}</code>'
+           f'<p class="sub">Audit <code>{e(a.get("id"))}</code>' + _encoder_brief(encoder)
            + (f' · <span class="badge {e(status)}" id="status">{e(status)}</span>' if status else "") + "</p>",
            f'<p id="clean-accuracy">Clean accuracy: <strong>{stat(t.get("clean_accuracy"))}</strong></p>']
     # results: rows = attacks, columns = epsilons
     head = "<tr><th>attack</th>" + "".join(f"<th>eps {e(_eps_key(x))}</th>" for x in eps) + "</tr>"
     body = []
     for r in rows:
-        cells = r.get("cells") or {}
+        cells = _cells(r)
         tds = []
         for x in eps:
             c = _cell_of(cells, x)
@@ -349,19 +480,22 @@ def render_audit_report(audit_public: dict, figures: dict[str, bytes]) -> str:
                 continue
             tds.append('<td class="cell num">'
                        f'<div>acc {stat(c.get("poisoned_accuracy"))}</div>'
-                       f'<div>drop {stat(c.get("drop"), "pts")}</div>{_jobs_text(c.get("jobs"))}</td>')
+                       f'<div>drop {stat(c.get("drop"), "pts")}</div>{_jobs_text(c.get("jobs"))}'
+                       f'{_cell_job_links(job_href, _cell_jobs(a.get("jobs"), r, x))}</td>')
         body.append(f"<tr><th>{_row_label(r)}</th>{''.join(tds)}</tr>")
     out.append('<h2>Results</h2><p class="small">Poisoned accuracy and drop (clean minus poisoned), mean ± '
                "standard deviation over seeds.</p>"
                f'<table id="results-table">{head}{"".join(body)}</table>')
     out.append(_audit_summary(t.get("summary")))
     out.append(_audit_defences(rows, eps))
+    out.append(_audit_removals(rows, eps))
     out.append("<h2>Figures</h2>" + figures_html(figures, {"figure-drop-vs-epsilon.png":
                                                           "Accuracy drop against epsilon, one line per attack."}))
+    out.append(encoder_section(encoder, a.get("encoder")))
     params = [(k, v) for k, v in a.items() if k not in ("table", "provenance", "jobs", "rows", "summary",
                                                         "clean_accuracy")]
     out.append("<h2>Parameters</h2>" + kv_table(params, "parameters"))
-    out.append(_audit_jobs(a.get("jobs")))
+    out.append(_audit_jobs(a.get("jobs"), job_href))
     prov = a.get("provenance") if isinstance(a.get("provenance"), dict) else {}
     prov_rows = list(prov.items()) + [("poisonaudit (this page)", _renderer_versions()["poisonaudit"])]
     out.append("<h2>Provenance</h2>" + kv_table(prov_rows, "provenance"))
@@ -397,22 +531,135 @@ def _audit_summary(summary: Any) -> str:
     return f'<h2>Worst drops</h2><table id="summary-table">{head}{"".join(body)}</table>'
 
 
-def _audit_jobs(jobs: Any) -> str:
+def _audit_jobs(jobs: Any, job_href: Href | None = None) -> str:
     if not isinstance(jobs, list) or not jobs:
         return ""
     cols = [c for c in ("label", "epsilon", "seed", "status", "id", "error") if any(isinstance(j, dict) and c in j
                                                                                  for j in jobs)]
     head = "<tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"
-    body = "".join("<tr>" + "".join(f"<td>{plain(j.get(c))}</td>" for c in cols) + "</tr>"
-                   for j in jobs if isinstance(j, dict))
+
+    def td(j: dict, c: str) -> str:
+        if c == "id" and j.get("id") is not None:
+            return f"<td>{link(job_href, j.get('id'), e(j.get('id')), cls='job-link')}</td>"
+        return f"<td>{plain(j.get(c))}</td>"
+
+    body = "".join("<tr>" + "".join(td(j, c) for c in cols) + "</tr>" for j in jobs if isinstance(j, dict))
     return f'<h2>Jobs</h2><table id="jobs-table">{head}{body}</table>'
+
+
+def _count(v: Any) -> str:
+    """A count, or a {"mean", "std", "n"} of counts over seeds, as '40' or '40 ± 2' (means to 1 decimal)."""
+    if isinstance(v, dict):
+        m, s_ = _num(v.get("mean")), _num(v.get("std"))
+    else:
+        m, s_ = _num(v), None
+    if m is None:
+        return "–"
+    out = f"{m:.0f}" if float(m).is_integer() else f"{m:.1f}"
+    if s_ is not None and s_ > 0:
+        out += f" ± {s_:.0f}" if float(s_).is_integer() else f" ± {s_:.1f}"
+    return out
+
+
+def _fraction(v: Any) -> str:
+    if isinstance(v, dict):
+        m, s_ = _num(v.get("mean")), _num(v.get("std"))
+    else:
+        m, s_ = _num(v), None
+    if m is None:
+        return "–"
+    return f"{100 * m:.1f}" + (f" ± {100 * s_:.1f}" if s_ is not None and s_ > 0 else "") + "%"
+
+
+def _removals_of(c: dict) -> dict[str, dict]:
+    """A cell's {defence: {"poisons_removed", "fraction", "clean_removed"}}: AuditCell's ``removed``, or
+    counts written inside ``defences`` (a richer producer), or {} (defences off, older jobs)."""
+    removed = c.get("removed")
+    out: dict[str, dict] = {}
+    if isinstance(removed, dict):
+        out.update({k: v for k, v in removed.items() if isinstance(v, dict)})
+    defences = c.get("defences")
+    if isinstance(defences, dict):
+        for name, d in defences.items():
+            if name in out or not isinstance(d, dict):
+                continue
+            if d.get("applicable") is False:
+                out[name] = {"applicable": False, "reason": d.get("reason")}
+            elif d.get("poisons_removed") is not None:
+                out[name] = {"poisons_removed": d.get("poisons_removed"), "fraction": d.get("fraction"),
+                             "clean_removed": d.get("clean_removed")}
+    return out
+
+
+def _removal_td(r: dict | None, n_poisons: Any) -> str:
+    if not isinstance(r, dict):
+        return '<td class="na">–</td>'
+    if r.get("applicable") is False:
+        return f'<td class="na">n/a{": " + e(r.get("reason")) if r.get("reason") else ""}</td>'
+    frac = r.get("fraction")
+    if frac is None:  # derive it from the means when the producer gave only counts
+        pm = _num(r["poisons_removed"].get("mean")) if isinstance(r.get("poisons_removed"), dict) \
+            else _num(r.get("poisons_removed"))
+        nm = _num(n_poisons.get("mean")) if isinstance(n_poisons, dict) else _num(n_poisons)
+        frac = pm / nm if pm is not None and nm else None
+    of = f" / {_count(n_poisons)}" if _count(n_poisons) != "–" else ""
+    clean = (f'<div class="small">clean points removed {_count(r.get("clean_removed"))}</div>'
+             if r.get("clean_removed") is not None else "")
+    return (f'<td class="cell num"><div class="removed">{_count(r.get("poisons_removed"))}{of} '
+            f'<span class="frac">({_fraction(frac)})</span></div>{clean}</td>')
+
+
+def _audit_removals(rows: list, eps: list) -> str:
+    """Per cell, the poisons per job and, for each defence, how many (and what fraction) it removed."""
+    names: list[str] = []
+    any_poisons = False
+    for r in rows:
+        for c in _cells(r).values():
+            if not isinstance(c, dict):
+                continue
+            any_poisons = any_poisons or c.get("n_poisons") is not None
+            for n in _removals_of(c):
+                if n not in names:
+                    names.append(n)
+    if not rows or not eps:
+        return ""
+    head = "<tr><th>attack</th><th></th>" + "".join(f"<th>eps {e(_eps_key(x))}</th>" for x in eps) + "</tr>"
+    body = []
+    for r in rows:
+        cells = _cells(r)
+        for i, name in enumerate(["poisons", *names]):
+            tds = []
+            for x in eps:
+                c = _cell_of(cells, x)
+                c = c if isinstance(c, dict) else {}
+                if name == "poisons":
+                    n = c.get("n_poisons")
+                    tds.append(f'<td class="num">{_count(n)}</td>' if n is not None else '<td class="na">–</td>')
+                else:
+                    tds.append(_removal_td(_removals_of(c).get(name), c.get("n_poisons")))
+            first = f'<th rowspan="{len(names) + 1}">{_row_label(r)}</th>' if i == 0 else ""
+            label = ("poisons per job" if name == "poisons"
+                     else f"{e(name)} removed<div class=\"small\">{e(DEFENCE_TITLES.get(name, ''))}</div>")
+            body.append(f'<tr data-removal="{e(name)}">{first}<td>{label}</td>{"".join(tds)}</tr>')
+    note = ""
+    if not names:
+        note = ('<p class="na" id="removals-none">No job of this audit reported what the defences removed '
+                "(defences turned off, no finished job yet, parameter attacks, or jobs that predate it).</p>")
+    if not names and not any_poisons:
+        return "<h2>Poisons removed by each defence</h2>" + note
+    return ('<h2>Poisons removed by each defence</h2><p class="small">Per cell, the poisons in each job\'s '
+            "training set, and for each defence the poisons it removed of them (mean ± standard deviation over "
+            "seeds, the fraction in brackets) and the clean points it removed with them; – where a cell has no "
+            f'finished job or a defence was not measured.</p>{note}<table id="removals-table">{head}'
+            f'{"".join(body)}</table>')
 
 
 def _audit_defences(rows: list, eps: list) -> str:
     names: list[str] = []
     for r in rows:
-        for c in (r.get("cells") or {}).values():
-            for n in (c or {}).get("defences") or {}:
+        for c in _cells(r).values():
+            defs = c.get("defences") if isinstance(c, dict) else None
+            for n in defs if isinstance(defs, dict) else {}:
                 if n not in names:
                     names.append(n)
     if not names:
@@ -420,7 +667,7 @@ def _audit_defences(rows: list, eps: list) -> str:
     head = "<tr><th>attack</th><th>defence</th>" + "".join(f"<th>eps {e(_eps_key(x))}</th>" for x in eps) + "</tr>"
     body = []
     for r in rows:
-        cells = r.get("cells") or {}
+        cells = _cells(r)
         for i, name in enumerate(["none", *names]):
             tds = []
             for x in eps:
@@ -428,7 +675,8 @@ def _audit_defences(rows: list, eps: list) -> str:
                 if name == "none":
                     tds.append(f'<td class="num">{stat(c.get("poisoned_accuracy"))}</td>' if c else '<td class="na">–</td>')
                     continue
-                d = (c.get("defences") or {}).get(name)
+                defs = c.get("defences")
+                d = defs.get(name) if isinstance(defs, dict) else None
                 if isinstance(d, dict) and "mean" in d:  # the accuracy summary itself
                     d = {"accuracy": d}
                 if not isinstance(d, dict):

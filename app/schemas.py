@@ -315,11 +315,23 @@ class CellJobs(BaseModel):
     pending: int = Field(description="Queued or running.")
 
 
+class DefenceRemoval(BaseModel):
+    """What one defence removed from a cell's poisoned training sets, over the cell's succeeded jobs (seeds)."""
+
+    poisons_removed: Stat = Field(description="Poisons the defence removed (a count per job).")
+    fraction: Stat = Field(description="Poisons removed / poisons, per job, in [0, 1].")
+    clean_removed: Stat | None = Field(None, description="Clean training points the defence removed (a count per job).")
+
+
 class AuditCell(BaseModel):
     poisoned_accuracy: Stat | None
     drop: Stat | None
     jobs: CellJobs
     defences: dict[str, Stat] = Field(description="Accuracy after each defence, when the jobs report defences.")
+    n_poisons: Stat | None = Field(None, description="Poisons per job (a count), over the succeeded jobs.")
+    removed: dict[str, DefenceRemoval] = Field(
+        default_factory=dict,
+        description="Per defence that applied, the poisons (and clean points) it removed, when the jobs report them.")
 
 
 class AuditRow(BaseModel):

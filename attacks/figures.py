@@ -3,7 +3,9 @@
 * :func:`examples_figure` -- clean images beside their poisons and the
   perturbation between them (the paper's Figs 2, 5, 9): three rows, clean /
   poison / poison - clean, a few columns; the perturbation in a diverging
-  colormap centred on 0 with a colour bar. 1- or 3-channel images of any size;
+  colormap centred on 0, each panel on its own symmetric scale (its max |δ| in
+  its title), a poison identical to its base marked as such in its panel.
+  1- or 3-channel images of any size;
   for 3 channels the perturbation shown is the channel mean (signed), and the
   images are clipped to the display range (the title says how many pixels were).
 * :func:`linf_histogram` -- the poisons' L_inf magnitude (max |pixel| per
@@ -29,8 +31,10 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 
-__all__ = ["drop_vs_epsilon", "examples_figure", "linf_histogram"]
+__all__ = ["build_examples_figure", "drop_vs_epsilon", "examples_figure", "linf_histogram"]
 
 _DPI = 100
 
@@ -56,23 +60,38 @@ def _hwc(img: np.ndarray) -> np.ndarray:
 def examples_figure(
     clean, poisons, *, n: int = 6, clean_range: tuple[float, float] | None = None, title: str | None = None
 ) -> bytes:
-    """Rows clean / poison / perturbation for the first ``n`` pairs.
+    """Rows clean / poison / perturbation for the first ``n`` pairs, as PNG bytes.
 
     clean, poisons: (N, C, H, W) with C in {1, 3}, the i-th poison made from the
     i-th clean image (pass ``x_train[base_index]``). clean_range: the display
-    range (default: the clean images' min and max)."""
+    range (default: the clean images' min and max). See :func:`build_examples_figure`."""
+    return _png(build_examples_figure(clean, poisons, n=n, clean_range=clean_range, title=title))
+
+
+ZERO_TEXT = "identical to base\n(max |δ| = 0)"
+
+
+def build_examples_figure(
+    clean, poisons, *, n: int = 6, clean_range: tuple[float, float] | None = None, title: str | None = None
+):
+    """The matplotlib Figure of :func:`examples_figure` (the caller closes it, or passes it to ``_png``).
+
+    Each perturbation panel has its own symmetric colour scale, ±(max |δ| of that panel), and
+    that value in its title, so that a small perturbation beside a large one is still visible.
+    A poison equal to its base (δ = 0 everywhere) gets no colour map but a centred
+    :data:`ZERO_TEXT`; a 3-channel δ whose channel mean is 0 though δ is not says that instead."""
     clean, poisons = _numpy(clean), _numpy(poisons)
     if clean.shape != poisons.shape or clean.ndim != 4 or clean.shape[1] not in (1, 3):
         raise ValueError(f"clean and poisons must both be (N, 1|3, H, W); got {clean.shape} and {poisons.shape}")
     m = min(n, clean.shape[0])
     if m == 0:
-        return _message_figure("no poisons to show")
+        return _message("no poisons to show")
     clean, poisons = clean[:m], poisons[:m]
     lo, hi = clean_range if clean_range is not None else (float(clean.min()), float(clean.max()))
     if hi <= lo:
         hi = lo + 1.0
-    delta = (poisons - clean).mean(1)  # (m, H, W): signed, the channel mean
-    bound = float(np.abs(delta).max()) or 1.0
+    full = poisons - clean  # (m, C, H, W)
+    delta = full.mean(1)  # (m, H, W): signed, the channel mean, what is drawn
     clipped = int(((poisons < lo) | (poisons > hi)).sum())
     gray = clean.shape[1] == 1
 
@@ -83,25 +102,54 @@ def examples_figure(
             ax.imshow(np.clip((_hwc(img) - lo) / (hi - lo), 0, 1), interpolation="nearest")
 
     col = 1.6
-    fig, axes = plt.subplots(3, m, figsize=(col * m + 1.2, col * 3 + 0.6), squeeze=False,
-                             gridspec_kw={"wspace": 0.05, "hspace": 0.12})
-    im = None
+    fig, axes = plt.subplots(3, m, figsize=(col * m + 1.2, col * 3 + 0.9), squeeze=False,
+                             gridspec_kw={"wspace": 0.05, "hspace": 0.3})
+    zero = 0
     for j in range(m):
         show(axes[0, j], clean[j])
         show(axes[1, j], poisons[j])
-        im = axes[2, j].imshow(delta[j], cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+        ax = axes[2, j]
+        linf = float(np.abs(full[j]).max())
+        bound = float(np.abs(delta[j]).max())
+        if not (math.isfinite(linf) and math.isfinite(bound)):
+            _panel_text(ax, delta[j].shape, "non-finite\nperturbation")
+            ax.set_title("max |δ| = ?", fontsize=8)
+        elif linf == 0.0:
+            zero += 1
+            _panel_text(ax, delta[j].shape, ZERO_TEXT)
+            ax.set_title("max |δ| = 0", fontsize=8)
+        elif bound <= 1e-6 * linf:  # channels that cancel (to rounding): nothing to draw
+            _panel_text(ax, delta[j].shape, f"channel mean 0\n(max |δ| = {linf:.3g})")
+            ax.set_title(f"max |δ| = {linf:.3g}", fontsize=8)
+        else:
+            ax.imshow(delta[j], cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+            head = f"max |δ| = {linf:.3g}"
+            if not gray and f"{bound:.3g}" != f"{linf:.3g}":  # the channel mean drawn spans less
+                head += f"\nmean ±{bound:.3g}"
+            ax.set_title(head, fontsize=8)
         for i in range(3):
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
-    for i, label in enumerate(("clean", "poison", "poison - clean")):
+    for i, label in enumerate(("clean", "poison", "poison - clean" + ("" if gray else "\n(channel mean)"))):
         axes[i, 0].set_ylabel(label)
-    fig.colorbar(im, ax=axes[2, :].tolist(), fraction=0.046, pad=0.02, label="perturbation"
-                 + (" (channel mean)" if not gray else ""))
+    scale = ScalarMappable(norm=Normalize(-1.0, 1.0), cmap="RdBu_r")
+    bar = fig.colorbar(scale, ax=axes[2, :].tolist(), fraction=0.046, pad=0.02,
+                       label="δ / panel max |δ|")
+    bar.set_ticks([-1.0, 0.0, 1.0])
+    bar.set_ticklabels(["-max", "0", "+max"])
     head = title or "clean images, their poisons, and the perturbation"
+    if zero:
+        head += f"\n{zero} of {m} poisons shown are identical to their base"
     if clipped:
         head += f"\n{clipped} poison pixels outside [{lo:.3g}, {hi:.3g}] clipped for display"
     fig.suptitle(head, fontsize=10)
-    return _png(fig)
+    return fig
+
+
+def _panel_text(ax, shape: tuple[int, int], text: str) -> None:
+    """A panel with no colour map: a light background of the image's size and centred text."""
+    ax.imshow(np.zeros(shape, np.float32), cmap="gray", vmin=-1.0, vmax=0.1, interpolation="nearest")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=7, transform=ax.transAxes, color="0.15")
 
 
 def linf_histogram(
@@ -216,8 +264,12 @@ def _cell(cells: dict, eps: float) -> dict | None:
     return None
 
 
-def _message_figure(text: str) -> bytes:
+def _message(text: str):
     fig, ax = plt.subplots(figsize=(4, 1.5))
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
-    return _png(fig)
+    return fig
+
+
+def _message_figure(text: str) -> bytes:
+    return _png(_message(text))

@@ -350,3 +350,145 @@ def test_audit_report_renders_in_headless_chromium(tmp_path):
     _run_chromium(exe, tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", path.as_uri())
     pix = pixels(shot.read_bytes())[..., :3]
     assert pix.std() > 0.05, "not a blank page"
+
+
+# ------------------------------------------------------------------ poisons, removals, encoder, links (#16)
+ENCODER = {"id": "0b6c7c1e-0000-4000-8000-0000000000e1", "name": "my resnet", "architecture": "resnet18",
+           "fingerprints": ["9" * 64], "weights_sha256": "5" * 64, "source": "upload", "spec": {"arch": "resnet18"}}
+
+
+def _audit_public(**over) -> dict:
+    """AuditPublic as app.audits builds it, with the per-cell poisons and removals."""
+    s = lambda m, sd=0.0, n=2: {"mean": m, "std": sd, "n": n}
+    cell = {"poisoned_accuracy": s(0.88), "drop": s(0.05, 0.01), "jobs": {"succeeded": 2, "failed": 0, "pending": 0},
+            "defences": {"knn": s(0.9), "linf": s(0.92)}, "n_poisons": s(120),
+            "removed": {"knn": {"poisons_removed": s(40, 2), "fraction": s(40 / 120, 2 / 120), "clean_removed": s(90, 5)},
+                        "linf": {"poisons_removed": s(120), "fraction": s(1.0), "clean_removed": s(0)}}}
+    bare = {"poisoned_accuracy": s(0.8, 0.0, 1), "drop": s(0.13, 0.0, 1),
+            "jobs": {"succeeded": 1, "failed": 0, "pending": 0}, "defences": {}, "n_poisons": s(400, 0.0, 1),
+            "removed": {}}
+    audit = {"id": "a-3", "name": "removals", "status": "partial", "encoder": ENCODER["id"], "dataset": "digits",
+             "epsilons": [0.03, 0.1], "seeds": [0, 1],
+             "table": {"clean_accuracy": s(0.93), "epsilons": [0.03, 0.1],
+                       "rows": [{"attack": "feature_matching", "beta": 0.25, "label": "feature_matching (beta=0.25)",
+                                 "cells": {"0.03": cell, "0.1": bare}}],
+                       "summary": [{"epsilon": 0.03, "worst_drop": 0.05, "attack": "feature_matching", "beta": 0.25}]},
+             "jobs": [{"id": f"job-{e_}-{seed}", "attack": "feature_matching", "label": "feature_matching (beta=0.25)",
+                       "beta": 0.25, "epsilon": e_, "seed": seed, "status": "succeeded", "error": None}
+                      for e_ in (0.03, 0.1) for seed in (0, 1)]}
+    audit.update(over)
+    return audit
+
+
+def _removals(page: str) -> dict[str, list[str]]:
+    """removals-table rows by their label cell (the attack's header cell, on its first row, dropped)."""
+    out = {}
+    for r in parse(page).cells["removals-table"][1:]:
+        r = r[1:] if r[0].startswith("feature_matching") else r
+        out[r[0].split(" removed")[0]] = r[1:]
+    return out
+
+
+def test_audit_report_gives_poisons_and_what_each_defence_removed_per_cell():
+    page = render_audit_report(_audit_public(), {})
+    rows = _removals(page)
+    assert parse(page).cells["removals-table"][0] == ["attack", "", "eps 0.03", "eps 0.1"]
+    assert rows["poisons per job"] == ["120", "400"]
+    knn, linf = rows["knn"], rows["linf"]
+    assert knn[0] == "40 ± 2 / 120 (33.3 ± 1.7%) clean points removed 90 ± 5"
+    assert linf[0] == "120 / 120 (100.0%) clean points removed 0"
+    assert knn[1] == "–" and linf[1] == "–"  # defences not measured in that cell
+    # a defence that did not apply says so; counts written inside ``defences`` are read too
+    audit = _audit_public()
+    c = audit["table"]["rows"][0]["cells"]["0.1"]
+    c["defences"] = {"linf": {"applicable": False, "reason": "feature-space poisons"},
+                     "knn": {"accuracy": {"mean": 0.9, "std": 0, "n": 1}, "poisons_removed": {"mean": 100, "std": 0, "n": 1}}}
+    rows = _removals(render_audit_report(audit, {}))
+    assert rows["linf"][1] == "n/a: feature-space poisons"
+    assert rows["knn"][1] == "100 / 400 (25.0%)"
+
+
+def test_audit_report_without_defence_data_still_renders():
+    audit = _audit_public()
+    for c in audit["table"]["rows"][0]["cells"].values():
+        c.pop("removed"), c.pop("n_poisons")
+        c["defences"] = {}
+    page = render_audit_report(audit, {})
+    p = parse(page)
+    assert "removals-table" not in p.cells and 'id="removals-none"' in page
+    assert p.cells["results-table"][1][0].startswith("feature_matching")
+    # cells that are not even dicts, rows without cells: a page all the same
+    odd = _audit_public()
+    odd["table"]["rows"] = [{"attack": "x", "cells": {"0.03": None, "0.1": "?"}}, {"attack": "y"}, "garbage"]
+    page = render_audit_report(odd, {})
+    assert "results-table" in parse(page).cells and page.count("<script>") == 1
+
+
+def test_job_ids_are_links_when_the_caller_says_where():
+    page = render_audit_report(_audit_public(), {}, job_href=lambda i: f"/ui/jobs/{i}")
+    p = parse(page)
+    hrefs = [a["href"] for t, a in p.tags if t == "a"]
+    jobs = [f"job-{e_}-{s}" for e_ in (0.03, 0.1) for s in (0, 1)]
+    # each job twice: its row of the jobs table, and its cell of the results table (by seed)
+    assert sorted(hrefs) == sorted([f"/ui/jobs/{j}" for j in jobs] * 2)
+    links = [a for t, a in p.tags if t == "a" and a.get("class") == "job-link"]
+    assert [a["href"] for a in links] == [f"/ui/jobs/{j}" for j in jobs]
+    first_cell = p.cells["results-table"][1][1]
+    assert "job reports: seed 0 · seed 1" in first_cell
+    assert '<a href="/ui/jobs/job-0.03-0" class="cell-job-link">seed 0</a>' in page
+    # without a function: ids as text, no links at all
+    assert not [t for t, _ in parse(render_audit_report(_audit_public(), {})).tags if t == "a"]
+    # an id is escaped in the address; a function giving another scheme, or failing, gives no link
+    evil = _audit_public(jobs=[{"id": EVIL, "label": "l", "epsilon": 0.03, "seed": 0, "status": "failed"}])
+    page = render_audit_report(evil, {}, job_href=lambda i: f"/v1/jobs/{i}/report")
+    assert "<script>alert" not in page and 'href="/v1/jobs/&lt;script&gt;' in page
+    assert "<a " not in render_audit_report(_audit_public(), {}, job_href=lambda i: f"javascript:alert('{i}')")
+
+    def boom(i):
+        raise RuntimeError(i)
+
+    assert "<a " not in render_audit_report(_audit_public(), {}, job_href=boom)
+
+
+def test_job_report_links_its_audit_and_names_its_encoder():
+    job = _job(audit="a-77")
+    page = render_job_report(job, {}, audit_href=lambda i: f"/v1/audits/{i}/report", encoder=ENCODER)
+    p = parse(page)
+    assert [a["href"] for t, a in p.tags if t == "a"] == ["/v1/audits/a-77/report"]
+    assert "part of audit" in page
+    enc = {r[0]: r[1] for r in p.cells["encoder-table"]}
+    assert enc["name"] == "my resnet" and enc["architecture"] == "resnet18" and enc["fingerprint"] == "9" * 64
+    assert enc["weights file sha256"] == "5" * 64 and enc["id"] == ENCODER["id"]
+    assert "encoder my resnet (resnet18)" in re.sub(r"<[^>]+>", "", page)
+    # no audit_href: the audit's id as text; no audit: nothing about one
+    assert "a-77" in render_job_report(job, {}) and "<a " not in render_job_report(job, {})
+    assert "part of audit" not in render_job_report(_job(), {})
+    # no encoder record: the id and the fingerprint the job reported, and a note
+    page = render_job_report(_job(), {})
+    enc = {r[0]: r[1] for r in parse(page).cells["encoder-table"]}
+    assert enc == {"fingerprint": "f" * 64, "id": "0b6c7c1e-0000-4000-8000-0000000000e1"}
+    assert "record is not available" in page
+
+
+def test_audit_report_names_its_encoder():
+    page = render_audit_report(_audit_public(), {}, encoder=ENCODER)
+    enc = {r[0]: r[1] for r in parse(page).cells["encoder-table"]}
+    assert enc["name"] == "my resnet" and enc["architecture"] == "resnet18" and enc["fingerprint"] == "9" * 64
+    assert "encoder my resnet (resnet18)" in re.sub(r"<[^>]+>", "", page)
+    two = render_audit_report(_audit_public(), {}, encoder={**ENCODER, "fingerprints": ["a1", "b2"]})
+    enc = {r[0]: r[1] for r in parse(two).cells["encoder-table"]}
+    assert enc["fingerprints (2 different: the jobs disagree)"] == "a1, b2"
+    bare = {r[0]: r[1] for r in parse(render_audit_report(_audit_public(), {})).cells["encoder-table"]}
+    assert bare == {"id": ENCODER["id"]}
+
+
+def test_every_drop_is_in_points():
+    """Drops (differences of accuracies) are shown in points, never as a percentage."""
+    audit = render_audit_report(_audit_public(), {})
+    text = re.sub(r"<[^>]+>", " ", audit)
+    drops = re.findall(r"drop ([-+]?[0-9.]+(?: ± [0-9.]+)?) ?(pts|%)", " ".join(text.split()))
+    assert drops == [("5.00 ± 1.00", "pts"), ("13.00", "pts")], drops
+    assert parse(audit).cells["summary-table"][1][1] == "5.00 pts"
+    job = parse(render_job_report(_job(), {}))
+    assert {r[0]: r[1] for r in job.cells["results-table"]}["drop"] == "+5.15 pts"
+    assert all(r[2].endswith(" pts") for r in job.cells["defences-table"][1:])

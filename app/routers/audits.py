@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
 
 from app import audits as service
+from app import jobs as job_service
 from app.deps import AuditDep, KeyFirstRoute, QueueDep, SessionDep, SettingsDep, TeamDep
 from app.problems import problem_responses
 from app.schemas import AuditCreate, AuditPublic, AuditsPublic
@@ -59,11 +60,18 @@ def read_audit_report(audit: AuditDep, session: SessionDep) -> HTMLResponse:
     from app.report import CSP, render_audit_report
     from attacks.figures import drop_vs_epsilon
 
-    public = service.view(session, audit).model_dump(mode="json")
+    jobs = service.jobs_of(session, [audit.id])[audit.id]
+    public = service.audit_public(audit, jobs).model_dump(mode="json")
     try:
         figures = {"figure-drop-vs-epsilon.png": drop_vs_epsilon(public["table"])}
     except Exception:  # a figure must never cost the page
         logging.getLogger("app").exception("audit %s: drop-vs-epsilon figure failed", audit.id)
         figures = {}
-    return HTMLResponse(render_audit_report(public, figures),
-                        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
+    encoder = job_service.encoder_identity(session, audit.team_id, audit.encoder_id, jobs)
+    page = render_audit_report(public, figures, job_href=job_report_path, encoder=encoder)
+    return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
+
+
+def job_report_path(job_id: str) -> str:
+    """The API's report page of a job (what the audit report links its jobs to)."""
+    return f"/v1/jobs/{job_id}/report"

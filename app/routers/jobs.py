@@ -109,5 +109,12 @@ def read_job_report(job: JobDep, session: SessionDep, store: StoreDep) -> HTMLRe
                 figures[a.name] = b"".join(store.open(a.key))
             except ObjectNotFound:
                 pass  # listed but gone from the store: the page says which figures it has
-    page = render_job_report(service.job_public(job, arts).model_dump(mode="json"), figures)
+    encoder = service.encoder_identity(session, job.team_id, job.encoder_id, [job])
+    page = render_job_report(service.job_public(job, arts).model_dump(mode="json"), figures,
+                             audit_href=audit_report_path, encoder=encoder)
     return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
+
+
+def audit_report_path(audit_id: str) -> str:
+    """The API's report page of an audit (what a job's report links its audit to)."""
+    return f"/v1/audits/{audit_id}/report"

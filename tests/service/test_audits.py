@@ -61,7 +61,7 @@ def test_submit_fans_out_in_stage_sharing_order(client, session, team_a, ready_e
         ("feature_matching", 0.05, "feature_matching (beta=0.05)")]
     cell = t["rows"][2]["cells"]["0.03"]
     assert cell == {"poisoned_accuracy": None, "drop": None, "jobs": {"succeeded": 0, "failed": 0, "pending": 2},
-                    "defences": {}}
+                    "defences": {}, "n_poisons": None, "removed": {}}
     assert t["summary"] == [{"epsilon": 0.03, "worst_drop": None, "attack": None, "beta": None},
                             {"epsilon": 0.1, "worst_drop": None, "attack": None, "beta": None}]
 

@@ -147,6 +147,11 @@ def test_feature_matching_end_to_end(a, stack):
     report = a.get(f"/v1/jobs/{job['id']}/report")
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     assert report.text.count('src="data:image/png;base64,') == 2 and 'id="defences-table"' in report.text
+    from tests.test_report import parse
+
+    enc = {r[0]: r[1] for r in parse(report.text).cells["encoder-table"]}  # the encoder, by name and weights
+    assert enc["id"] == stack["encoder"] and enc["architecture"] == "small_cnn" and enc["name"]
+    assert enc["fingerprint"] == job["metrics"]["encoder_fingerprint"] and len(enc["fingerprint"]) >= 16
 
     r = a.get(f"/v1/jobs/{job['id']}/poisoned-set")
     assert r.status_code == 307  # a short-lived presigned URL on S3
