@@ -31,7 +31,10 @@ __all__ = [
 # here so that the API and the CLI can validate them without importing torch.
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", "mnist5k")
 DATASET_KINDS: tuple[str, ...] = BUILTIN_DATASETS + ("cifar10", "cifar100", "npz", "imagefolder")
-ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50", "vit_b_16")
+ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50", "vit_b_16", "clip_rn50", "clip_rn101",
+                                  "clip_rn50x4")
+# Backbones whose positional embeddings fix the input side (the spec must say it).
+FIXED_INPUT_SIZE: dict[str, int] = {"vit_b_16": 224, "clip_rn50": 224, "clip_rn101": 224, "clip_rn50x4": 288}
 
 PAPER = (
     "Lu, Yang, Kamath, Yu. Indiscriminate Data Poisoning Attacks on Pre-trained "

@@ -56,6 +56,8 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from attacks import specs
+from attacks.catalogue import ARCHITECTURES, FIXED_INPUT_SIZE
+from attacks.clip_resnet import CLIP_SHAPES, build_clip_resnet
 
 __all__ = [
     "ARCHITECTURES",
@@ -78,10 +80,10 @@ __all__ = [
     "FORMAT_VERSION",
 ]
 
-ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50", "vit_b_16")
+_CLIPS = tuple(CLIP_SHAPES)
 _RESNETS = ("resnet18", "resnet50")
 _RESNET_DIMS = {"resnet18": 512, "resnet50": 2048}
-VIT_INPUT_SIZE = 224
+VIT_INPUT_SIZE = FIXED_INPUT_SIZE["vit_b_16"]
 
 WEIGHTS_FILE = "encoder.safetensors"
 META_FILE = "encoder.json"
@@ -90,12 +92,13 @@ _META_MAX_BYTES = 1024 * 1024
 _DEFAULT_MAX_BYTES = 2 * 1024**3
 
 # Containers a checkpoint may wrap its state dict in, in order of preference.
-_WRAPPER_KEYS = ("state_dict", "model", "encoder", "backbone", "net")
+_WRAPPER_KEYS = ("state_dict", "model", "teacher", "encoder", "backbone", "net")  # DINO: the teacher, as released
 # Prefixes stripped (repeatedly) while *every* key carries them.
 _STRIP_PREFIXES = ("module.", "base_encoder.", "encoder.", "backbone.", "model.")
 # Top-level modules dropped: momentum copies and projection/prediction heads.
 _DROP_ALWAYS = ("momentum_encoder", "projector", "projection_head", "head", "predictor")
-_DROP_BY_ARCH = {"small_cnn": ("fc",), "resnet18": ("fc",), "resnet50": ("fc",), "vit_b_16": ("heads",)}
+_DROP_BY_ARCH = {"small_cnn": ("fc",), "resnet18": ("fc",), "resnet50": ("fc",), "vit_b_16": ("heads",),
+                 **{a: () for a in CLIP_SHAPES}}
 _LIST_LIMIT = 10
 
 
@@ -109,6 +112,8 @@ def feature_dim_of(spec: "EncoderSpec") -> int:
         return 2 * spec.width
     if spec.arch in _RESNETS:
         return _RESNET_DIMS[spec.arch]
+    if spec.arch in CLIP_SHAPES:
+        return CLIP_SHAPES[spec.arch][2]
     return 768
 
 
@@ -160,8 +165,9 @@ class EncoderSpec:
             raise EncoderError(f"in_channels must be a positive int, got {self.in_channels!r}")
         if self.input_size is not None and (not _is_int(self.input_size) or self.input_size < 1):
             raise EncoderError(f"input_size must be None or a positive int, got {self.input_size!r}")
-        if self.arch == "vit_b_16" and self.input_size != VIT_INPUT_SIZE:
-            raise EncoderError(f"vit_b_16 needs input_size={VIT_INPUT_SIZE}, got {self.input_size!r}")
+        fixed = FIXED_INPUT_SIZE.get(self.arch)
+        if fixed is not None and self.input_size != fixed:
+            raise EncoderError(f"{self.arch} needs input_size={fixed}, got {self.input_size!r}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -208,7 +214,7 @@ class EncoderSpec:
                 raise EncoderError(f"{name} {list(given)} disagrees with preprocessing {self.preprocessing!r} "
                                    f"({list(value)}); give one or the other")
         if self.input_size is None and size is not None:
-            object.__setattr__(self, "input_size", size)
+            object.__setattr__(self, "input_size", FIXED_INPUT_SIZE.get(self.arch, size))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -282,6 +288,8 @@ def _build_backbone(spec: EncoderSpec) -> nn.Module:
             nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.fc = nn.Identity()
         return net
+    if spec.arch in CLIP_SHAPES:
+        return build_clip_resnet(spec.arch, spec.in_channels)
     net = torchvision.models.vit_b_16(weights=None)
     if spec.in_channels != 3:
         old = net.conv_proj
@@ -507,7 +515,7 @@ def load_state_dict_file(path: str | os.PathLike[str], max_bytes: int = _DEFAULT
     ``.safetensors`` via safetensors; anything else via ``torch.load(weights_only=True)``.
     Files over ``max_bytes`` are refused before reading; TorchScript archives are
     refused (see :func:`load_encoder`); the state dict may be wrapped under
-    ``state_dict``/``model``/``encoder``/``backbone``/``net``. Keys are not renamed.
+    ``state_dict``/``model``/``teacher``/``encoder``/``backbone``/``net``. Keys are not renamed.
     """
     path = Path(path)
     _check_size(path, max_bytes)
@@ -565,6 +573,10 @@ def normalize_state_dict(
                 break
         if arch in _RESNETS:
             sd = _sequential_resnet(sd) or sd
+        elif arch == "vit_b_16":
+            sd = _timm_vit(sd) or sd
+        elif arch in _CLIPS:
+            sd = _clip_visual(sd)
         if set(sd) == before:
             return sd
 
@@ -613,18 +625,57 @@ def _sequential_resnet(sd: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
     return {f"{names[i]}.{rest}": v for i, g in groups.items() for rest, v in g.items()}
 
 
+def _clip_visual(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A whole CLIP state dict (image tower ``visual.*`` beside the text tower): the image tower."""
+    if any(k.startswith("visual.") for k in sd):
+        return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    return dict(sd)
+
+
+_TIMM_BLOCK = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
+               "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+               "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+
+
+def _timm_vit(sd: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """timm's ViT names (MoCo v3, DINO and timm checkpoints: ``patch_embed.proj``, ``cls_token``,
+    ``pos_embed``, ``blocks.N.attn.qkv``, ``norm``) renamed to torchvision's ``vit_b_16``: the
+    same pre-norm blocks, the class token after the last LayerNorm. None when the keys are not
+    of that form, or have parts torchvision's ViT lacks (layer scale, a pooled ``fc_norm``...)."""
+    if "patch_embed.proj.weight" not in sd:
+        return None
+    top = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding", "patch_embed.proj.weight":
+           "conv_proj.weight", "patch_embed.proj.bias": "conv_proj.bias", "norm.weight": "encoder.ln.weight",
+           "norm.bias": "encoder.ln.bias"}
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+            continue
+        if not k.startswith("blocks."):
+            return None
+        idx, _, rest = k[len("blocks."):].partition(".")
+        new = next((rest.replace(a, b, 1) for a, b in _TIMM_BLOCK.items() if rest.startswith(a)), None)
+        if not idx.isdigit() or new is None:
+            return None
+        out[f"encoder.layers.encoder_layer_{idx}.{new}"] = v
+    return out
+
+
 def layout_hint(keys: set[str], arch: str) -> str | None:
     """What a state dict's keys look like, when they say so and it is not ``arch``."""
     def has(*names: str) -> bool:
         return any(n in keys for n in names)
 
-    if any(k.startswith("visual.") for k in keys) or any(".attnpool." in f".{k}" for k in keys) or has(
-            "conv2.weight", "conv3.weight") and has("bn3.weight"):
+    clip_like = (any(k.startswith("visual.") for k in keys) or any(".attnpool." in f".{k}" for k in keys)
+                 or has("conv2.weight", "conv3.weight") and has("bn3.weight"))
+    if clip_like and arch not in _CLIPS:
         return ("these keys look like CLIP's ModifiedResNet image tower (3-conv stem, attention pooling: OpenAI/"
-                "open_clip RN50), which is not an architecture here yet; valid: " + ", ".join(ARCHITECTURES))
+                "open_clip RN50): use architecture clip_rn50 (clip_rn101, clip_rn50x4 for those shapes)")
     if has("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight"):
-        return ("these keys look like a timm-named ViT (patch_embed, blocks.N.attn.qkv: MoCo v3, DINO, timm); only "
-                "torchvision's ViT naming is supported yet (vit_b_16: conv_proj, encoder.layers.encoder_layer_N)")
+        return ("these keys look like a timm-named ViT (patch_embed, blocks.N.attn.qkv: MoCo v3, DINO, timm); "
+                "vit_b_16 loads those with a class-token output, but not with layer scale, a pooled fc_norm, "
+                "register tokens or another depth or width")
     guess = ("vit_b_16" if has("conv_proj.weight") else "resnet50" if has("layer1.0.conv3.weight")
              else "resnet18" if has("layer1.0.conv2.weight") else None)
     if guess and guess != arch:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from attacks.catalogue import ARCHITECTURES
+from attacks.catalogue import ARCHITECTURES, FIXED_INPUT_SIZE
 
 __all__ = ["MAX_EPOCHS", "MAX_WIDTH", "PRESETS", "EncoderSpec", "SimCLRConfig", "error_text"]
 
@@ -25,7 +25,6 @@ MAX_EPOCHS = 1000
 MAX_WIDTH = 1024
 MAX_INPUT_SIZE = 1024
 _RESNETS = ("resnet18", "resnet50")
-VIT_INPUT_SIZE = 224
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,3})$")
 
 _Norm = Annotated[float, Field(ge=-1e3, le=1e3)]
@@ -53,7 +52,7 @@ class EncoderSpec(_Strict):
     in_channels: int = Field(3, ge=1, le=3, description="Channels the backbone expects: 1 or 3.")
     input_size: int | None = Field(
         None, ge=1, le=MAX_INPUT_SIZE, validate_default=True, description="Square side the backbone expects; null keeps the data's "
-        f"own size. vit_b_16 needs {VIT_INPUT_SIZE}."
+        f"own size. vit_b_16 and the CLIP ResNets need their own: {FIXED_INPUT_SIZE}."
     )
     mean: tuple[_Norm, ...] = Field(
         (0.0,), min_length=1, max_length=3, strict=False,
@@ -73,6 +72,15 @@ class EncoderSpec(_Strict):
         (), max_length=MAX_KEY_MAP, strict=False,
         description="Checkpoint key renames, applied in order before loading: pairs [old_prefix, new_prefix] "
         "(literal prefixes of letters, digits, '_' and '.'; '' as new_prefix strips it).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_size(cls, data: Any) -> Any:
+        """A preset on a fixed-input backbone fills its input size, as the engine's spec does."""
+        if (isinstance(data, dict) and data.get("preprocessing") is not None and data.get("input_size") is None
+                and data.get("arch") in FIXED_INPUT_SIZE):
+            data = {**data, "input_size": FIXED_INPUT_SIZE[data["arch"]]}
+        return data
 
     @field_validator("preprocessing")
     @classmethod
@@ -110,8 +118,9 @@ class EncoderSpec(_Strict):
     @field_validator("input_size")
     @classmethod
     def _vit_size(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if info.data.get("arch") == "vit_b_16" and v != VIT_INPUT_SIZE:
-            raise ValueError(f"vit_b_16 needs input_size={VIT_INPUT_SIZE}, got {v!r}")
+        arch = info.data.get("arch")
+        if arch in FIXED_INPUT_SIZE and v != FIXED_INPUT_SIZE[arch]:
+            raise ValueError(f"{arch} needs input_size={FIXED_INPUT_SIZE[arch]}, got {v!r}")
         return v
 
     @field_validator("mean", "std")

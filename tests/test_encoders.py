@@ -62,6 +62,11 @@ BUILDS = [
     ("resnet18", dict(cifar_stem=True), (2, 3, 32, 32), 512, 11_176_512 - 64 * 3 * (49 - 9)),  # 3x3 stem
     ("resnet50", dict(), (1, 3, 32, 32), 2048, 23_508_032),
     ("vit_b_16", dict(input_size=224), (1, 3, 32, 32), 768, 85_798_656),  # one image: slow on CPU
+    # CLIP's image towers: open_clip's visual parameter counts (their features are compared with
+    # open_clip's own in tests/test_encoders_published.py)
+    ("clip_rn50", dict(preprocessing="clip"), (1, 3, 32, 32), 1024, 38_316_896),
+    ("clip_rn101", dict(input_size=224), (1, 3, 32, 32), 512, 56_259_936),
+    ("clip_rn50x4", dict(input_size=288), (1, 3, 32, 32), 640, 87_137_080),
 ]
 
 
@@ -390,10 +395,12 @@ def test_key_map_renames_literal_prefixes(small, tmp_path):
 @pytest.mark.parametrize("keys, arch, says", [
     # OpenAI / open_clip RN50 image tower: 3-conv stem, attention pooling
     ({"conv1.weight", "conv2.weight", "conv3.weight", "bn3.weight", "attnpool.c_proj.weight",
-      "layer1.0.conv3.weight"}, "resnet50", "CLIP's ModifiedResNet"),
+      "layer1.0.conv3.weight"}, "resnet50", "use architecture clip_rn50"),
     ({"visual.conv1.weight", "visual.attnpool.k_proj.weight", "transformer.resblocks.0.attn.in_proj_weight"},
-     "resnet50", "CLIP's ModifiedResNet"),
-    ({"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"}, "vit_b_16", "timm-named ViT"),
+     "resnet50", "use architecture clip_rn50"),
+    # timm names vit_b_16 cannot take (layer scale): renamed ones are loaded (tests/test_encoders_published.py)
+    ({"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.ls1.gamma"},
+     "vit_b_16", "timm-named ViT"),
     ({"conv1.weight", "layer1.0.conv3.weight", "fc.weight"}, "resnet18", "use architecture resnet50"),
     ({"conv1.weight", "layer1.0.conv2.weight"}, "resnet50", "use architecture resnet18"),
     ({"conv_proj.weight", "encoder.layers.encoder_layer_0.ln_1.weight"}, "resnet18", "use architecture vit_b_16"),
