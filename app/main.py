@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app import problems
 from app.limits import BodyLimitMiddleware
-from app.routers import attacks, audits, datasets, encoders, health, jobs, keys
+from app.routers import attacks, audits, datasets, encoders, health, jobs, keys, web
 from app.settings import get_settings
 
 log = logging.getLogger("app")
@@ -77,6 +77,7 @@ def create_app() -> FastAPI:
     problems.install(app)
     for r in (jobs.router, audits.router, encoders.router, datasets.router, keys.router, attacks.router, health.router):
         app.include_router(r)
+    web.install(app)  # the browser pages under /ui (not in the OpenAPI schema)
 
     _install_docs(app)
 

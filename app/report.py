@@ -22,7 +22,7 @@ import html
 import json
 import math
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 __all__ = ["render_audit_report", "render_job_report", "CSP"]
 
@@ -151,10 +151,10 @@ def figures_html(figures: dict[str, bytes], captions: dict[str, str]) -> str:
     return "".join(parts)
 
 
-def page(title: str, body: str) -> str:
+def page(title: str, body: str, *, csp: str = CSP) -> str:
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{e(CSP)}\">"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{e(csp)}\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
         f"<script>{_SCRIPT}</script>\n</body></html>\n"
@@ -162,13 +162,15 @@ def page(title: str, body: str) -> str:
 
 
 # ------------------------------------------------------------------ job
-def render_job_report(job_public: dict, figures: dict[str, bytes]) -> str:
-    """The report page of one job (``JobPublic`` as JSON-ready dict) with its PNG figures."""
+def render_job_report(job_public: dict, figures: dict[str, bytes], *, nav: str = "", csp: str = CSP) -> str:
+    """The report page of one job (``JobPublic`` as JSON-ready dict) with its PNG figures. ``nav``:
+    HTML put first in the body, as is (the web pages' links and buttons); ``csp``: the page's policy."""
     j = job_public
     m = j.get("metrics") or {}
     status = str(j.get("status", "unknown"))
     title = f"poisonaudit report: {j.get('attack') or j.get('kind', 'job')} (job {j.get('id')})"
-    out = [f"<h1>{e(j.get('attack') or j.get('kind'))} audit job</h1>",
+    out = [nav] if nav else []
+    out += [f"<h1>{e(j.get('attack') or j.get('kind'))} audit job</h1>",
            f'<p class="sub">Job <code>{e(j.get("id"))}</code> · dataset <code>{e(j.get("dataset"))}</code> · '
            f'<span class="badge {e(status)}" id="status">{e(status)}</span></p>']
     if status != "succeeded":
@@ -189,7 +191,7 @@ def render_job_report(job_public: dict, figures: dict[str, bytes]) -> str:
     out.append("<h2>Figures</h2>" + figures_html(figures, JOB_FIGURES))
     out.append(_job_parameters(j, m))
     out.append(_job_provenance(j, m))
-    return page(title, "\n".join(out))
+    return page(title, "\n".join(out), csp=csp)
 
 
 def _job_results(m: dict) -> str:
@@ -320,19 +322,22 @@ def _jobs_text(jobs: Any) -> str:
     return ""
 
 
-def render_audit_report(audit_public: dict, figures: dict[str, bytes]) -> str:
+def render_audit_report(audit_public: dict, figures: dict[str, bytes], *, nav: str = "",
+                        job_href: Callable[[str], str] | None = None, csp: str = CSP) -> str:
     """The report page of an audit. ``audit_public`` carries the audit table (under ``table``, or
     at the top level): {"clean_accuracy": {"mean", "std", "n"}, "epsilons": [...], "rows": [{"attack",
     "beta", "label", "cells": {"<eps>": {"poisoned_accuracy", "drop", "jobs", "defences"}}}],
     "summary": [...]}; every other top-level field is shown as a parameter, and ``provenance``
-    (a dict) in its own section. Accuracies are fractions in [0, 1]."""
+    (a dict) in its own section. Accuracies are fractions in [0, 1]. ``nav``: HTML put first in the
+    body, as is; ``job_href``: a job id's link (the jobs table links each id); ``csp``: the page's policy."""
     a = audit_public
     t = _audit_table(a)
     eps = list(t.get("epsilons") or [])
     rows = list(t.get("rows") or [])
     status = a.get("status")
     title = f"poisonaudit audit report {a.get('name') or a.get('id') or ''}".strip()
-    out = [f"<h1>Audit {e(a.get('name') or a.get('id') or '')}</h1>",
+    out = [nav] if nav else []
+    out += [f"<h1>Audit {e(a.get('name') or a.get('id') or '')}</h1>",
            f'<p class="sub">Audit <code>{e(a.get("id"))}</code>'
            + (f' · <span class="badge {e(status)}" id="status">{e(status)}</span>' if status else "") + "</p>",
            f'<p id="clean-accuracy">Clean accuracy: <strong>{stat(t.get("clean_accuracy"))}</strong></p>']
@@ -361,11 +366,11 @@ def render_audit_report(audit_public: dict, figures: dict[str, bytes]) -> str:
     params = [(k, v) for k, v in a.items() if k not in ("table", "provenance", "jobs", "rows", "summary",
                                                         "clean_accuracy")]
     out.append("<h2>Parameters</h2>" + kv_table(params, "parameters"))
-    out.append(_audit_jobs(a.get("jobs")))
+    out.append(_audit_jobs(a.get("jobs"), job_href))
     prov = a.get("provenance") if isinstance(a.get("provenance"), dict) else {}
     prov_rows = list(prov.items()) + [("poisonaudit (this page)", _renderer_versions()["poisonaudit"])]
     out.append("<h2>Provenance</h2>" + kv_table(prov_rows, "provenance"))
-    return page(title, "\n".join(out))
+    return page(title, "\n".join(out), csp=csp)
 
 
 def _audit_summary(summary: Any) -> str:
@@ -397,14 +402,18 @@ def _audit_summary(summary: Any) -> str:
     return f'<h2>Worst drops</h2><table id="summary-table">{head}{"".join(body)}</table>'
 
 
-def _audit_jobs(jobs: Any) -> str:
+def _audit_jobs(jobs: Any, job_href: Callable[[str], str] | None = None) -> str:
     if not isinstance(jobs, list) or not jobs:
         return ""
     cols = [c for c in ("label", "epsilon", "seed", "status", "id", "error") if any(isinstance(j, dict) and c in j
                                                                                  for j in jobs)]
     head = "<tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"
-    body = "".join("<tr>" + "".join(f"<td>{plain(j.get(c))}</td>" for c in cols) + "</tr>"
-                   for j in jobs if isinstance(j, dict))
+    def td(j: dict, c: str) -> str:
+        if c == "id" and job_href is not None and j.get("id"):
+            return f'<td><a href="{e(job_href(str(j["id"])))}">{plain(j["id"])}</a></td>'
+        return f"<td>{plain(j.get(c))}</td>"
+
+    body = "".join("<tr>" + "".join(td(j, c) for c in cols) + "</tr>" for j in jobs if isinstance(j, dict))
     return f'<h2>Jobs</h2><table id="jobs-table">{head}{body}</table>'
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
@@ -57,13 +55,6 @@ def cancel_audit(audit: AuditDep, session: SessionDep) -> AuditPublic:
 def read_audit_report(audit: AuditDep, session: SessionDep) -> HTMLResponse:
     """The audit as one self-contained HTML page: the table, the worst drops, defences, a figure."""
     from app.report import CSP, render_audit_report
-    from attacks.figures import drop_vs_epsilon
 
-    public = service.view(session, audit).model_dump(mode="json")
-    try:
-        figures = {"figure-drop-vs-epsilon.png": drop_vs_epsilon(public["table"])}
-    except Exception:  # a figure must never cost the page
-        logging.getLogger("app").exception("audit %s: drop-vs-epsilon figure failed", audit.id)
-        figures = {}
-    return HTMLResponse(render_audit_report(public, figures),
+    return HTMLResponse(render_audit_report(*service.report_inputs(session, audit)),
                         headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
