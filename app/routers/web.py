@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from urllib.parse import quote
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
@@ -76,37 +77,52 @@ def _audit_of(session, auth: WebAuth, audit_id: str | None) -> Audit | None:
     return None if ident is None else session.scalar(select(Audit).where(Audit.id == ident, Audit.team_id == auth.team.id))
 
 
+def safe_next(value: str | None) -> str:
+    """Where to go after signing in: a path of these pages only (never another host), else the list."""
+    v = value or ""
+    if (v.startswith(f"{PATH}/") and not v.startswith("//") and "\\" not in v and len(v) <= 500
+            and v.isprintable() and not v.startswith(f"{PATH}/login") and not v.startswith(f"{PATH}/logout")):
+        return v
+    return f"{PATH}/"
+
+
 def _secure(request: Request, settings) -> bool:
     return settings.web_cookie_secure or request.url.scheme == "https"
 
 
 # ------------------------------------------------------------------ sign-in and sign-out
-def _login_form(request: Request, settings, message: str | None = None, status: int = 200) -> HTMLResponse:
+def _login_form(request: Request, settings, message: str | None = None, status: int = 200,
+                next_: str | None = None) -> HTMLResponse:
     """The sign-in form with a fresh CSRF token, also set as a cookie of the form's own path (double submit)."""
     token = secrets.token_urlsafe(24)
-    resp = html(pages.login_page(token, message), status)
+    resp = html(pages.login_page(token, message, safe_next(next_)), status)
     resp.set_cookie(LOGIN_COOKIE, token, max_age=LOGIN_FORM_TTL_S, path=f"{PATH}/login", httponly=True,
                     samesite="strict", secure=_secure(request, settings))
     return resp
 
 
 @router.get("/login")
-def login_form(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+def login_form(request: Request, session: SessionDep, settings: SettingsDep,
+               next: Annotated[str | None, Query(max_length=500)] = None) -> Response:
     if lookup(session, request.cookies.get(COOKIE)) is not None:
-        return RedirectResponse(f"{PATH}/", status_code=303)
-    return _login_form(request, settings)
+        return RedirectResponse(safe_next(next), status_code=303)
+    return _login_form(request, settings, next_=next)
 
 
 @router.post("/login")
-def login(request: Request, session: SessionDep, settings: SettingsDep,
-          key: Annotated[str, Form()] = "", csrf: Annotated[str, Form()] = "") -> Response:
+def login(request: Request, session: SessionDep, settings: SettingsDep, key: Annotated[str, Form()] = "",
+          csrf: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "") -> Response:
     if not csrf_ok(request.cookies.get(LOGIN_COOKIE), csrf):
-        return _login_form(request, settings, "The sign-in form had expired or was not this site's; try again.", 403)
+        return _login_form(request, settings, "The sign-in form had expired or was not this site's; try again.", 403,
+                           next)
     opened = open_session(session, key.strip(), settings) if 0 < len(key.strip()) <= 200 else None
     if opened is None:
-        return _login_form(request, settings, "That API key is not valid (or it was revoked).", 401)
+        return _login_form(request, settings, "That API key is not valid (or it was revoked).", 401, next)
+    previous = lookup(session, request.cookies.get(COOKIE))
+    if previous is not None:  # signing in again (another key?): the old session ends here
+        close_session(session, previous.session_id)
     token, _ = opened
-    resp = RedirectResponse(f"{PATH}/", status_code=303)
+    resp = RedirectResponse(safe_next(next), status_code=303)
     resp.set_cookie(COOKIE, token, max_age=settings.web_session_ttl_s, path=PATH, httponly=True, samesite="strict",
                     secure=_secure(request, settings))
     resp.delete_cookie(LOGIN_COOKIE, path=f"{PATH}/login")
@@ -224,8 +240,11 @@ def install(app: FastAPI) -> None:
     async def _sign_in(request: Request, exc: SignInRequired) -> Response:
         if request.url.path.startswith(f"{PATH}/api/"):
             resp = problem_response(Problem(401, "sign in at /ui/login"), request)
-        else:
-            resp = RedirectResponse(f"{PATH}/login", status_code=303)
+        else:  # back here after signing in (a GET's address only: a POST's form is gone anyway)
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            login = f"{PATH}/login" + (f"?next={quote(target, safe='')}" if request.method == "GET"
+                                       and safe_next(target) == target and target != f"{PATH}/" else "")
+            resp = RedirectResponse(login, status_code=303)
         if COOKIE in request.cookies:
             resp.delete_cookie(COOKIE, path=PATH)
         return resp

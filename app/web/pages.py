@@ -89,14 +89,14 @@ def progress_cells(fraction: Any) -> str:
 
 
 # ------------------------------------------------------------------ sign-in
-def login_page(csrf: str, message: str | None = None) -> str:
+def login_page(csrf: str, message: str | None = None, next_: str = "/ui/") -> str:
     msg = f'<p class="msg" id="login-error" role="alert">{e(message)}</p>' if message else ""
     body = (f"{nav()}<h1>Sign in</h1>"
             '<p class="sub">Sign in with your team\'s API key (<code>pa_…</code>) to read its audits and jobs in the '
             "browser. The key is checked and then forgotten: the browser keeps a session cookie, which ends when "
             "you sign out, when it expires, or when the key is revoked.</p>"
             f"{msg}<form method=\"post\" action=\"/ui/login\" id=\"login\">"
-            f'<input type="hidden" name="csrf" value="{e(csrf)}">'
+            f'<input type="hidden" name="csrf" value="{e(csrf)}"><input type="hidden" name="next" value="{e(next_)}">'
             '<label for="key">API key</label><input type="password" id="key" name="key" autocomplete="off" required '
             'autofocus> <button type="submit">Sign in</button></form>'
             '<p class="small">Already signed in? <a href="/ui/">Go to the list</a>.</p>')

@@ -52,13 +52,13 @@ def csrf_ok(expected: str | None, given: str | None) -> bool:
 
 def open_session(session: Session, key: str, settings: Settings) -> tuple[str, WebAuth] | None:
     """A new session for the live API key ``key`` (and its token, for the cookie); None for a bad key.
-    The key's expired sessions are deleted on the way. Commits."""
+    Expired sessions (anyone's) are deleted on the way. Commits."""
     found = authenticate_key(session, key)
     if found is None:
         return None
     api_key, team = found
     now = utcnow()
-    session.execute(delete(WebSession).where(WebSession.api_key_id == api_key.id, WebSession.expires_at <= now))
+    session.execute(delete(WebSession).where(WebSession.expires_at <= now))
     token = secrets.token_urlsafe(32)
     row = WebSession(token_hash=token_hash(token), team_id=team.id, api_key_id=api_key.id, created_at=now,
                      expires_at=now + timedelta(seconds=settings.web_session_ttl_s))

@@ -138,6 +138,35 @@ def test_sign_in_without_the_forms_csrf_token_is_a_403(api, session, team_a):
     assert session.scalar(select(WebSession).where(WebSession.team_id == team_a[0].id)) is None
 
 
+def test_sign_in_leads_back_to_the_page_asked_for_and_never_off_site(api, session, team_a, ready_encoder):
+    key = _key(team_a[1])
+    c = TestClient(api)
+    path = f"/ui/compare?a={uuid.uuid4()}"
+    r = c.get(path, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/login?next=%2Fui%2Fcompare%3Fa%3D")
+    form = c.get(r.headers["location"])
+    assert 'name="next" value="/ui/compare?a=' in form.text
+    r = c.post("/ui/login", data={"key": key, "csrf": _csrf(form.text), "next": path}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == path
+    for evil in ("https://evil.example/", "//evil.example/ui/", "/ui/\\evil", "/v1/keys", "/ui/logout", "javascript:x"):
+        d = TestClient(api)
+        form = d.get("/ui/login", params={"next": evil})
+        assert form.status_code == 200 and "evil" not in form.text.split('name="next"')[1][:40]
+        r = d.post("/ui/login", data={"key": key, "csrf": _csrf(form.text), "next": evil}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/ui/", evil
+    # signing in again ends the session it replaces
+    before = {w.id for w in session.scalars(select(WebSession).where(WebSession.team_id == team_a[0].id))}
+    old = c.cookies.get("pa_session")
+    c.cookies.delete("pa_session")
+    form = c.get("/ui/login")  # a form from before (another tab), posted while signed in
+    c.cookies.set("pa_session", old, path="/ui")
+    r = c.post("/ui/login", data={"key": key, "csrf": _csrf(form.text)}, follow_redirects=False)
+    assert r.status_code == 303
+    after = {w.id for w in session.scalars(select(WebSession).where(WebSession.team_id == team_a[0].id))}
+    assert len(after) == len(before) and after != before
+    assert TestClient(api, cookies={"pa_session": old}).get("/ui/", follow_redirects=False).status_code == 303
+
+
 def test_sign_out_needs_the_csrf_token_and_ends_the_session(api, session, team_a):
     c = _signed_in(api, _key(team_a[1]))
     page = c.get("/ui/")
