@@ -31,6 +31,7 @@ then aggregated over seeds. GradPC's "poisoned accuracy" is its target's accurac
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import uuid
@@ -396,6 +397,20 @@ def audit_public(audit: Audit, jobs: list[Job]) -> AuditPublic:
 
 def view(session: Session, audit: Audit) -> AuditPublic:
     return audit_public(audit, jobs_of(session, [audit.id])[audit.id])
+
+
+def report_inputs(session: Session, audit: Audit) -> tuple[dict, dict[str, bytes]]:
+    """What :func:`app.report.render_audit_report` takes for ``audit``: its public view as JSON-ready
+    dict and the drop-vs-epsilon figure (left out if it fails: a figure must never cost the page)."""
+    from attacks.figures import drop_vs_epsilon
+
+    public = view(session, audit).model_dump(mode="json")
+    try:
+        figures = {"figure-drop-vs-epsilon.png": drop_vs_epsilon(public["table"])}
+    except Exception:
+        logging.getLogger("app").exception("audit %s: drop-vs-epsilon figure failed", audit.id)
+        figures = {}
+    return public, figures
 
 
 def cancel(session: Session, audit: Audit) -> Audit:

@@ -78,6 +78,34 @@ def view(session: Session, job: Job) -> JobPublic:
     return job_public(job, artifacts_of(session, [job.id])[job.id])
 
 
+POISONED_SET = "poisoned_set.npz"
+FIGURE_MAX_BYTES = 16 << 20
+
+
+def find_artifact(session: Session, job: Job, name: str) -> Artifact:
+    """The job's artifact called ``name``, or a 404 problem (saying the job's status if it has not succeeded)."""
+    art = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if art is None:
+        raise Problem(404, f"job {job.id} has no artifact {name!r}" + ("" if job.status == "succeeded" else f" (job is {job.status})"))
+    return art
+
+
+def report_inputs(session: Session, store, job: Job) -> tuple[dict, dict[str, bytes]]:
+    """What :func:`app.report.render_job_report` takes for ``job``: its public view as JSON-ready
+    dict and its PNG figures read from the store (those gone from it are left out)."""
+    from app.storage import ObjectNotFound
+
+    arts = artifacts_of(session, [job.id])[job.id]
+    figures = {}
+    for a in arts:
+        if a.name.startswith("figure-") and a.content_type == "image/png" and a.size <= FIGURE_MAX_BYTES:
+            try:
+                figures[a.name] = b"".join(store.open(a.key))
+            except ObjectNotFound:
+                pass  # listed but gone from the store: the page says which figures it has
+    return job_public(job, arts).model_dump(mode="json"), figures
+
+
 def view_for_key(session: Session, key: str | None, job_id: uuid.UUID) -> JobPublic:
     """A job as its owner sees it: 401 for a bad key, 404 for a job the key's team does not own.
 

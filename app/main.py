@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app import problems
 from app.limits import BodyLimitMiddleware
-from app.routers import attacks, audits, datasets, encoders, health, jobs, keys
+from app.routers import attacks, audits, datasets, encoders, health, jobs, keys, web
 from app.settings import get_settings
 
 log = logging.getLogger("app")
@@ -77,6 +77,7 @@ def create_app() -> FastAPI:
     problems.install(app)
     for r in (jobs.router, audits.router, encoders.router, datasets.router, keys.router, attacks.router, health.router):
         app.include_router(r)
+    web.install(app)  # the browser pages under /ui (not in the OpenAPI schema)
 
     _install_docs(app)
 
@@ -89,11 +90,16 @@ def create_app() -> FastAPI:
 
 
 def _install_docs(app: FastAPI) -> None:
-    """``/docs``: Swagger UI from the files the ``swagger-ui-bundle`` package ships (no CDN, so
-    it works on an air-gapped machine); ``/`` leads there."""
-    from swagger_ui_bundle import swagger_ui_path
+    """``/docs``: Swagger UI from the files the ``fastapi-offline`` package ships (no CDN, so it
+    works on an air-gapped machine); ``/`` leads there. Swagger UI 5: the 4.15 of ``swagger-ui-bundle``
+    (its last release) cannot read OpenAPI 3.1, which FastAPI writes, and showed only "Unable to
+    render this definition" in a browser (tests/service/test_web_browser.py loads the page)."""
+    from pathlib import Path
 
-    app.mount(SWAGGER_STATIC, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    import fastapi_offline
+
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(SWAGGER_STATIC, StaticFiles(directory=str(static)), name="swagger-ui")
     oauth2 = app.swagger_ui_oauth2_redirect_url
 
     @app.get("/docs", include_in_schema=False)
@@ -101,7 +107,7 @@ def _install_docs(app: FastAPI) -> None:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API docs",
                                    oauth2_redirect_url=oauth2, swagger_js_url=f"{SWAGGER_STATIC}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{SWAGGER_STATIC}/swagger-ui.css",
-                                   swagger_favicon_url=f"{SWAGGER_STATIC}/favicon-32x32.png")
+                                   swagger_favicon_url=f"{SWAGGER_STATIC}/favicon.png")
 
     @app.get(oauth2, include_in_schema=False)
     def docs_oauth2_redirect() -> HTMLResponse:

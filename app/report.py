@@ -157,10 +157,10 @@ def figures_html(figures: dict[str, bytes], captions: dict[str, str]) -> str:
     return "".join(parts)
 
 
-def page(title: str, body: str) -> str:
+def page(title: str, body: str, *, csp: str = CSP) -> str:
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{e(CSP)}\">"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{e(csp)}\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
         f"<script>{_SCRIPT}</script>\n</body></html>\n"
@@ -234,13 +234,14 @@ def _encoder_brief(encoder: dict | None) -> str:
 
 # ------------------------------------------------------------------ job
 def render_job_report(job_public: dict, figures: dict[str, bytes], *, audit_href: Href | None = None,
-                      encoder: dict | None = None) -> str:
+                      encoder: dict | None = None, nav: str = "", csp: str = CSP) -> str:
     """The report page of one job (``JobPublic`` as JSON-ready dict) with its PNG figures.
 
     audit_href: gives the address of an audit's report from its id; the job's audit (when it
     belongs to one) is then a link. encoder: what is known of the job's encoder
     (:func:`app.jobs.encoder_identity`: name, architecture, fingerprints, weights_sha256, id,
-    source, spec); without it the page shows the id and the fingerprint from the job's metrics."""
+    source, spec); without it the page shows the id and the fingerprint from the job's metrics.
+    nav: HTML put first in the body, as is (the web pages' links and buttons); csp: the page's policy."""
     j = job_public
     m = j.get("metrics") or {}
     if not isinstance(m, dict):
@@ -249,7 +250,8 @@ def render_job_report(job_public: dict, figures: dict[str, bytes], *, audit_href
     title = f"poisonaudit report: {j.get('attack') or j.get('kind', 'job')} (job {j.get('id')})"
     in_audit = (f' · part of audit <span id="audit-link">{link(audit_href, j.get("audit"))}</span>'
                 if j.get("audit") else "")
-    out = [f"<h1>{e(j.get('attack') or j.get('kind'))} audit job</h1>",
+    out = [nav] if nav else []
+    out += [f"<h1>{e(j.get('attack') or j.get('kind'))} audit job</h1>",
            f'<p class="sub">Job <code>{e(j.get("id"))}</code> · dataset <code>{e(j.get("dataset"))}</code>'
            f'{_encoder_brief(encoder)}{in_audit} · '
            f'<span class="badge {e(status)}" id="status">{e(status)}</span></p>']
@@ -274,7 +276,7 @@ def render_job_report(job_public: dict, figures: dict[str, bytes], *, audit_href
                                                                  else None)]))
     out.append(_job_parameters(j, m))
     out.append(_job_provenance(j, m))
-    return page(title, "\n".join(out))
+    return page(title, "\n".join(out), csp=csp)
 
 
 def _job_results(m: dict) -> str:
@@ -447,7 +449,7 @@ def _cell_job_links(job_href: Href | None, jobs: list[dict]) -> str:
 
 
 def render_audit_report(audit_public: dict, figures: dict[str, bytes], *, job_href: Href | None = None,
-                        encoder: dict | None = None) -> str:
+                        encoder: dict | None = None, nav: str = "", csp: str = CSP) -> str:
     """The report page of an audit. ``audit_public`` carries the audit table (under ``table``, or
     at the top level): {"clean_accuracy": {"mean", "std", "n"}, "epsilons": [...], "rows": [{"attack",
     "beta", "label", "cells": {"<eps>": {"poisoned_accuracy", "drop", "jobs", "defences", "n_poisons",
@@ -456,14 +458,16 @@ def render_audit_report(audit_public: dict, figures: dict[str, bytes], *, job_hr
 
     job_href: gives the address of a job's report from its id; the jobs table's ids and each cell's
     jobs are then links. encoder: what is known of the audit's encoder (:func:`app.jobs.encoder_identity`);
-    without it the page shows the encoder's id."""
+    without it the page shows the encoder's id. nav: HTML put first in the body, as is; csp: the
+    page's policy."""
     a = audit_public
     t = _audit_table(a)
     eps = list(t.get("epsilons") or [])
     rows = [r for r in (t.get("rows") or []) if isinstance(r, dict)]
     status = a.get("status")
     title = f"poisonaudit audit report {a.get('name') or a.get('id') or ''}".strip()
-    out = [f"<h1>Audit {e(a.get('name') or a.get('id') or '')}</h1>",
+    out = [nav] if nav else []
+    out += [f"<h1>Audit {e(a.get('name') or a.get('id') or '')}</h1>",
            f'<p class="sub">Audit <code>{e(a.get("id"))}</code>' + _encoder_brief(encoder)
            + (f' · <span class="badge {e(status)}" id="status">{e(status)}</span>' if status else "") + "</p>",
            f'<p id="clean-accuracy">Clean accuracy: <strong>{stat(t.get("clean_accuracy"))}</strong></p>']
@@ -499,7 +503,7 @@ def render_audit_report(audit_public: dict, figures: dict[str, bytes], *, job_hr
     prov = a.get("provenance") if isinstance(a.get("provenance"), dict) else {}
     prov_rows = list(prov.items()) + [("poisonaudit (this page)", _renderer_versions()["poisonaudit"])]
     out.append("<h2>Provenance</h2>" + kv_table(prov_rows, "provenance"))
-    return page(title, "\n".join(out))
+    return page(title, "\n".join(out), csp=csp)
 
 
 def _audit_summary(summary: Any) -> str:

@@ -67,7 +67,8 @@ def key_matches(key: str, key_hash: str, revoked_at) -> bool:
     return revoked_at is None and hmac.compare_digest(key_hash, hash_key(key))
 
 
-def authenticate(session: Session, key: str) -> Team | None:
+def authenticate_key(session: Session, key: str) -> tuple[ApiKey, Team] | None:
+    """The live key row ``key`` is, with its team; None for anything else (the same work either way)."""
     prefix = parse_prefix(key)
     if prefix is None:
         return None
@@ -78,7 +79,12 @@ def authenticate(session: Session, key: str) -> Team | None:
         hmac.compare_digest(hash_key(key), hash_key(key))  # same work either way
         return None
     api_key, team = row
-    return team if key_matches(key, api_key.key_hash, api_key.revoked_at) else None
+    return (api_key, team) if key_matches(key, api_key.key_hash, api_key.revoked_at) else None
+
+
+def authenticate(session: Session, key: str) -> Team | None:
+    found = authenticate_key(session, key)
+    return found[1] if found is not None else None
 
 
 def unauthorized() -> Problem:

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     cache_mirror: bool = True
     encoder_check_wait_s: float = Field(10.0, ge=0)
 
+    # Web pages (/ui): a browser session lasts this long after sign-in (and ends at once when its key
+    # is revoked or on sign-out); its cookie is Secure when the request came over https, or always
+    # with web_cookie_secure.
+    web_session_ttl_s: int = Field(8 * 3600, ge=1, le=30 * 24 * 3600)
+    web_cookie_secure: bool = False
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
         from attacks.catalogue import BUILTIN_DATASETS

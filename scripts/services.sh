@@ -15,7 +15,8 @@ if ! redis_up && command -v redis-server >/dev/null; then
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
   for _ in $(seq 30); do redis_up && break; sleep 1; done
 fi
-# Headless Chromium for the report-page test (tests/test_report.py); installed once, as root.
+# Headless Chromium for the report-page tests (tests/test_report.py, and tests/service/test_web_browser.py
+# through the pip package playwright, which drives this binary: no chromedriver, no `playwright install`).
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium) >/tmp/poisonaudit-chromium-install.log 2>&1 \
     || echo "chromium: install failed (see /tmp/poisonaudit-chromium-install.log)"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
@@ -58,16 +56,10 @@ def cancel_audit(audit: AuditDep, session: SessionDep) -> AuditPublic:
 def read_audit_report(audit: AuditDep, session: SessionDep) -> HTMLResponse:
     """The audit as one self-contained HTML page: the table, the worst drops, defences, a figure."""
     from app.report import CSP, render_audit_report
-    from attacks.figures import drop_vs_epsilon
 
-    jobs = service.jobs_of(session, [audit.id])[audit.id]
-    public = service.audit_public(audit, jobs).model_dump(mode="json")
-    try:
-        figures = {"figure-drop-vs-epsilon.png": drop_vs_epsilon(public["table"])}
-    except Exception:  # a figure must never cost the page
-        logging.getLogger("app").exception("audit %s: drop-vs-epsilon figure failed", audit.id)
-        figures = {}
-    encoder = job_service.encoder_identity(session, audit.team_id, audit.encoder_id, jobs)
+    public, figures = service.report_inputs(session, audit)
+    encoder = job_service.encoder_identity(session, audit.team_id, audit.encoder_id,
+                                           service.jobs_of(session, [audit.id])[audit.id])
     page = render_audit_report(public, figures, job_href=job_report_path, encoder=encoder)
     return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
 

@@ -7,22 +7,19 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import HTMLResponse
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app import jobs as service
 from app.deps import JobDep, KeyDep, KeyFirstRoute, QueueDep, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.downloads import download
-from app.models import Artifact
-from app.problems import Problem, problem_responses
+from app.problems import problem_responses
 from app.report import CSP, render_job_report
 from app.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic, SafeStr
-from app.storage import ObjectNotFound
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=KeyFirstRoute, responses=problem_responses(401, 404, 409, 422, 503))
 
-POISONED_SET = "poisoned_set.npz"
-FIGURE_MAX_BYTES = 16 << 20
+POISONED_SET = service.POISONED_SET
+FIGURE_MAX_BYTES = service.FIGURE_MAX_BYTES
 
 
 @router.post("", status_code=202, response_model=JobPublic,
@@ -77,41 +74,26 @@ def list_artifacts(job: JobDep, session: SessionDep) -> ArtifactsPublic:
     return ArtifactsPublic(data=[service.artifact_public(a) for a in arts], count=len(arts))
 
 
-def _artifact(session, job, name: str) -> Artifact:
-    art = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
-    if art is None:
-        raise Problem(404, f"job {job.id} has no artifact {name!r}" + ("" if job.status == "succeeded" else f" (job is {job.status})"))
-    return art
-
-
 @router.get("/{job_id}/artifacts/{name}", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "Presigned URL"}})
 def download_artifact(job: JobDep, name: str, session: SessionDep, store: StoreDep) -> Response:
     """Download one artifact: streamed, or a redirect to a short-lived presigned URL."""
-    return download(store, _artifact(session, job, name))
+    return download(store, service.find_artifact(session, job, name))
 
 
 @router.get("/{job_id}/poisoned-set", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "Presigned URL"}})
 def download_poisoned_set(job: JobDep, session: SessionDep, store: StoreDep) -> Response:
     """The poisoned set as npz (x float32 NCHW, y int64, base_index int64)."""
-    return download(store, _artifact(session, job, POISONED_SET))
+    return download(store, service.find_artifact(session, job, POISONED_SET))
 
 
 @router.get("/{job_id}/report", response_class=HTMLResponse, responses={200: {"content": {"text/html": {}}}})
 def read_job_report(job: JobDep, session: SessionDep, store: StoreDep) -> HTMLResponse:
     """The job as one self-contained HTML page: results, defences, figures, parameters, provenance."""
-    arts = service.artifacts_of(session, [job.id])[job.id]
-    figures = {}
-    for a in arts:
-        if a.name.startswith("figure-") and a.content_type == "image/png" and a.size <= FIGURE_MAX_BYTES:
-            try:
-                figures[a.name] = b"".join(store.open(a.key))
-            except ObjectNotFound:
-                pass  # listed but gone from the store: the page says which figures it has
+    public, figures = service.report_inputs(session, store, job)
     encoder = service.encoder_identity(session, job.team_id, job.encoder_id, [job])
-    page = render_job_report(service.job_public(job, arts).model_dump(mode="json"), figures,
-                             audit_href=audit_report_path, encoder=encoder)
+    page = render_job_report(public, figures, audit_href=audit_report_path, encoder=encoder)
     return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
 
 

@@ -157,3 +157,24 @@ def redis_ok() -> bool:
         return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
     except Exception:
         return False
+
+
+def s3_stack_env(database_url: str, redis_url: str, s3_endpoint: str, data_dir: Path, bucket: str,
+                 **overrides: str) -> dict[str, str]:
+    """The environment of an API and its workers on the production-like stack: Postgres, Redis as
+    broker and result backend, a moto S3 bucket, CPU jobs, a fast heartbeat."""
+    return clean_env(
+        POISONAUDIT_DATA_DIR=data_dir,
+        POISONAUDIT_DATABASE_URL=database_url,
+        POISONAUDIT_BROKER_URL=redis_url,
+        POISONAUDIT_RESULT_BACKEND=redis_url,
+        POISONAUDIT_STORAGE_BACKEND="s3",
+        POISONAUDIT_S3_ENDPOINT_URL=s3_endpoint,
+        POISONAUDIT_S3_BUCKET=bucket,
+        POISONAUDIT_S3_CREATE_BUCKET="true",
+        POISONAUDIT_S3_ACCESS_KEY_ID="test",
+        POISONAUDIT_S3_SECRET_ACCESS_KEY="test",
+        POISONAUDIT_HEARTBEAT_INTERVAL_S="0.5",
+        POISONAUDIT_AUTO_QUEUE="cpu",
+        **overrides,
+    )

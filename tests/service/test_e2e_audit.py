@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .helpers import clean_env, start_api, start_worker, wait_for
+from .helpers import clean_env, s3_stack_env, start_api, start_worker, wait_for
 from .test_e2e import create_team
 
 pytestmark = pytest.mark.integration
@@ -40,20 +40,7 @@ if Path(__file__).resolve().parents[2].joinpath("attacks", "gc_input.py").exists
 @pytest.fixture(scope="module")
 def stack(pg_databases, redis_url, s3_endpoint, tmp_path_factory):
     logs = tmp_path_factory.mktemp("e2e-audit-logs")
-    env = clean_env(
-        POISONAUDIT_DATA_DIR=tmp_path_factory.mktemp("e2e-audit-var"),
-        POISONAUDIT_DATABASE_URL=pg_databases(),
-        POISONAUDIT_BROKER_URL=redis_url,
-        POISONAUDIT_RESULT_BACKEND=redis_url,
-        POISONAUDIT_STORAGE_BACKEND="s3",
-        POISONAUDIT_S3_ENDPOINT_URL=s3_endpoint,
-        POISONAUDIT_S3_BUCKET="e2e-audit",
-        POISONAUDIT_S3_CREATE_BUCKET="true",
-        POISONAUDIT_S3_ACCESS_KEY_ID="test",
-        POISONAUDIT_S3_SECRET_ACCESS_KEY="test",
-        POISONAUDIT_HEARTBEAT_INTERVAL_S="0.5",
-        POISONAUDIT_AUTO_QUEUE="cpu",
-    )
+    env = s3_stack_env(pg_databases(), redis_url, s3_endpoint, tmp_path_factory.mktemp("e2e-audit-var"), "e2e-audit")
     procs = []
     try:
         api, base = start_api(env, logs)
