@@ -248,7 +248,7 @@ def render_job_report(job_public: dict, figures: dict[str, bytes], *, audit_href
         m = {}
     status = str(j.get("status", "unknown"))
     title = f"poisonaudit report: {j.get('attack') or j.get('kind', 'job')} (job {j.get('id')})"
-    in_audit = (f' · part of audit <span id="audit-link">{link(audit_href, j.get("audit"))}</span>'
+    in_audit = (f' · part of audit <span id="job-audit">{link(audit_href, j.get("audit"))}</span>'
                 if j.get("audit") else "")
     out = [nav] if nav else []
     out += [f"<h1>{e(j.get('attack') or j.get('kind'))} audit job</h1>",

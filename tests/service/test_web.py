@@ -246,7 +246,7 @@ def test_report_pages_link_each_other_and_downloads_work(api, client, session, s
     assert ap.headers["cache-control"] == "no-store" and "form-action 'self'" in ap.headers["content-security-policy"]
     assert 'id="results-table"' in ap.text and 'id="logout"' in ap.text
     for j in a["jobs"]:
-        assert f'<a href="/ui/jobs/{j["id"]}">' in ap.text
+        assert f'<a href="/ui/jobs/{j["id"]}"' in ap.text  # the jobs table links each job (class job-link)
     assert f'href="/ui/compare?a={a["id"]}"' in ap.text
 
     jp = c.get(f"/ui/jobs/{job.id}")
