@@ -105,12 +105,14 @@ def test_audit_of_the_paper_attacks(a, stack):
     for row in t["rows"]:
         assert set(row) == {"attack", "beta", "label", "cells"} and set(row["cells"]) == {"0.03", "0.1"}
         for cell in row["cells"].values():
-            assert set(cell) == {"poisoned_accuracy", "drop", "jobs", "defences"}
+            assert set(cell) == {"poisoned_accuracy", "drop", "jobs", "defences", "n_poisons", "removed"}
             assert cell["jobs"] == {"succeeded": 1, "failed": 0, "pending": 0}
             assert set(cell["poisoned_accuracy"]) == {"mean", "std", "n"}
             assert cell["drop"]["mean"] == pytest.approx(t["clean_accuracy"]["mean"] - cell["poisoned_accuracy"]["mean"])
             if row["attack"] != "gradpc":  # poisons: the pipeline ran its defences
                 assert {"knn", "spectral"} <= set(cell["defences"])
+                assert cell["n_poisons"]["mean"] > 0 and {"knn", "spectral"} <= set(cell["removed"])
+                assert all(0 <= r["poisons_removed"]["mean"] <= cell["n_poisons"]["mean"] for r in cell["removed"].values())
     assert [s["epsilon"] for s in t["summary"]] == [0.03, 0.1]
     assert all(s["attack"] != "gradpc" and s["worst_drop"] is not None for s in t["summary"])
 
