@@ -337,10 +337,27 @@ def cmd_datasets(args) -> int:
 
 # ------------------------------------------------------------------ reports, export
 def cmd_report(args) -> int:
-    """Writes a job's (or with --audit, an audit's) HTML report to a file; --open opens it."""
+    """Writes a job's or an audit's HTML report to a file (the id tells which: a job's first, then
+    an audit's; --audit asks for the audit's only); --open opens it."""
+    from app.client import ApiError
+
+    kind = "audit" if args.audit else "job"
     with _client(args) as c:
-        html = c.audit_report(args.id) if args.audit else c.job_report(args.id)
-    path = args.out or f"{'audit' if args.audit else 'job'}-{args.id}.html"
+        if args.audit:
+            html = c.audit_report(args.id)
+        else:
+            try:
+                html = c.job_report(args.id)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                try:
+                    html, kind = c.audit_report(args.id), "audit"
+                except ApiError as again:
+                    if again.status != 404:
+                        raise
+                    raise exc from None  # neither: the job's 404
+    path = args.out or f"{kind}-{args.id}.html"
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(html)
     print(f"wrote {path} ({len(html.encode())} bytes)")
@@ -535,10 +552,10 @@ def add_subcommands(subparsers) -> None:
     q.add_argument("--name")
     p.set_defaults(func=wrap(cmd_datasets))
 
-    p = subparsers.add_parser("report", help="save a job's (or with --audit, an audit's) HTML report")
+    p = subparsers.add_parser("report", help="save a job's or an audit's HTML report (poisonaudit report ID --open)")
     common(p, wait=False)
     p.add_argument("id")
-    p.add_argument("--audit", action="store_true", help="the id is an audit's")
+    p.add_argument("--audit", action="store_true", help="the id is an audit's (default: whichever it is)")
     p.add_argument("--out", help="file to write (default: job-ID.html or audit-ID.html)")
     p.add_argument("--open", action="store_true", help="open it in a browser")
     p.set_defaults(func=wrap(cmd_report))

@@ -243,6 +243,12 @@ def test_python_client_and_cli(stack, tmp_path, tiny_encoder_dir, digits_npz):
     assert r.returncode == 0 and "digits" in r.stdout and "cli-digits" in r.stdout, r
     r = cli("report", stack["audit"]["id"], "--audit", "--out", str(tmp_path / "audit.html"))
     assert r.returncode == 0 and "<table" in (tmp_path / "audit.html").read_text(), r
+    r = subprocess.run([sys.executable, "-m", "app.cli", "report", stack["audit"]["id"]], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)  # no --audit: the id says which
+    assert r.returncode == 0 and f"audit-{stack['audit']['id']}.html" in r.stdout, r
+    assert 'id="results-table"' in (tmp_path / f"audit-{stack['audit']['id']}.html").read_text()
+    r = cli("report", "00000000-0000-4000-8000-000000000000")
+    assert r.returncode == 2 and "HTTP 404" in r.stderr, r
     r = cli("report", stack["fm_job"], "--out", str(tmp_path / "job.html"))
     assert r.returncode == 0 and stack["fm_job"] in (tmp_path / "job.html").read_text(), r
     audit = Client(stack["base"], stack["key"]).get_audit(stack["audit"]["id"])
