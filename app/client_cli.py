@@ -289,17 +289,24 @@ def _settle_encoder(c, created, args) -> int:
     return EXIT_NOT_SUCCEEDED if enc.status == "failed" else 0
 
 
+def _list_or_show(args, listing, get, show) -> bool:
+    """The ``list`` and ``show`` actions of a resource command; False for any other action."""
+    if args.action == "list":
+        items = listing()
+        if args.json:
+            print(items.model_dump_json(indent=2))
+        for item in [] if args.json else items.data:
+            show(item, False)
+    elif args.action == "show":
+        show(get(args.id), args.json)
+    else:
+        return False
+    return True
+
+
 def cmd_encoders(args) -> int:
     with _client(args) as c:
-        if args.action == "list":
-            listing = c.list_encoders()
-            if args.json:
-                print(listing.model_dump_json(indent=2))
-            for enc in [] if args.json else listing.data:
-                _print_encoder(enc, False)
-            return 0
-        if args.action == "show":
-            _print_encoder(c.get_encoder(args.id), args.json)
+        if _list_or_show(args, c.list_encoders, c.get_encoder, _print_encoder):
             return 0
         spec = _json_arg(args.spec, "--spec") or {}
         if not isinstance(spec, dict):
@@ -320,15 +327,7 @@ def cmd_encoders(args) -> int:
 
 def cmd_datasets(args) -> int:
     with _client(args) as c:
-        if args.action == "list":
-            listing = c.list_datasets()
-            if args.json:
-                print(listing.model_dump_json(indent=2))
-            for ds in [] if args.json else listing.data:
-                _print_dataset(ds, False)
-        elif args.action == "show":
-            _print_dataset(c.get_dataset(args.id), args.json)
-        else:
+        if not _list_or_show(args, c.list_datasets, c.get_dataset, _print_dataset):
             if not os.path.isfile(args.file):
                 raise UsageError(f"{args.file}: no such file")
             _print_dataset(c.upload_dataset(args.file, name=args.name), args.json)

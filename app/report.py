@@ -551,12 +551,16 @@ def _audit_jobs(jobs: Any, job_href: Href | None = None) -> str:
     return f'<h2>Jobs</h2><table id="jobs-table">{head}{body}</table>'
 
 
+def _mean_std(v: Any) -> tuple[float | None, float | None]:
+    """(mean, std) of a {"mean", "std", "n"}, or (v, None) of a plain number."""
+    if isinstance(v, dict):
+        return _num(v.get("mean")), _num(v.get("std"))
+    return _num(v), None
+
+
 def _count(v: Any) -> str:
     """A count, or a {"mean", "std", "n"} of counts over seeds, as '40' or '40 ± 2' (means to 1 decimal)."""
-    if isinstance(v, dict):
-        m, s_ = _num(v.get("mean")), _num(v.get("std"))
-    else:
-        m, s_ = _num(v), None
+    m, s_ = _mean_std(v)
     if m is None:
         return "–"
     out = f"{m:.0f}" if float(m).is_integer() else f"{m:.1f}"
@@ -566,10 +570,7 @@ def _count(v: Any) -> str:
 
 
 def _fraction(v: Any) -> str:
-    if isinstance(v, dict):
-        m, s_ = _num(v.get("mean")), _num(v.get("std"))
-    else:
-        m, s_ = _num(v), None
+    m, s_ = _mean_std(v)
     if m is None:
         return "–"
     return f"{100 * m:.1f}" + (f" ± {100 * s_:.1f}" if s_ is not None and s_ > 0 else "") + "%"

@@ -27,7 +27,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $("$PY" --version 2>&1)"
   "$PY" -m venv .venv
-  say "first install: torch 2.14.1 and torchvision 0.29.1 (about 5.5 GB in .venv) and the rest; 5-8 minutes"
+  say "first install: torch 2.14.1 and torchvision 0.29.1 (about 5.5 GB in .venv) and the rest; 3-8 minutes"
 fi
 say "installing poisonaudit ($what: pip install -e '$spec')"
 .venv/bin/python -m pip install --quiet --upgrade pip
