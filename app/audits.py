@@ -399,18 +399,20 @@ def view(session: Session, audit: Audit) -> AuditPublic:
     return audit_public(audit, jobs_of(session, [audit.id])[audit.id])
 
 
-def report_inputs(session: Session, audit: Audit) -> tuple[dict, dict[str, bytes]]:
+def report_inputs(session: Session, audit: Audit) -> tuple[dict, dict[str, bytes], dict]:
     """What :func:`app.report.render_audit_report` takes for ``audit``: its public view as JSON-ready
-    dict and the drop-vs-epsilon figure (left out if it fails: a figure must never cost the page)."""
+    dict, the drop-vs-epsilon figure (left out if it fails: a figure must never cost the page) and
+    the encoder's identity (:func:`app.jobs.encoder_identity`, from the same jobs)."""
     from attacks.figures import drop_vs_epsilon
 
-    public = view(session, audit).model_dump(mode="json")
+    jobs = jobs_of(session, [audit.id])[audit.id]
+    public = audit_public(audit, jobs).model_dump(mode="json")
     try:
         figures = {"figure-drop-vs-epsilon.png": drop_vs_epsilon(public["table"])}
     except Exception:
         logging.getLogger("app").exception("audit %s: drop-vs-epsilon figure failed", audit.id)
         figures = {}
-    return public, figures
+    return public, figures, job_service.encoder_identity(session, audit.team_id, audit.encoder_id, jobs)
 
 
 def cancel(session: Session, audit: Audit) -> Audit:

@@ -90,9 +90,10 @@ def find_artifact(session: Session, job: Job, name: str) -> Artifact:
     return art
 
 
-def report_inputs(session: Session, store, job: Job) -> tuple[dict, dict[str, bytes]]:
+def report_inputs(session: Session, store, job: Job) -> tuple[dict, dict[str, bytes], dict]:
     """What :func:`app.report.render_job_report` takes for ``job``: its public view as JSON-ready
-    dict and its PNG figures read from the store (those gone from it are left out)."""
+    dict, its PNG figures read from the store (those gone from it are left out) and its encoder's
+    identity (:func:`encoder_identity`)."""
     from app.storage import ObjectNotFound
 
     arts = artifacts_of(session, [job.id])[job.id]
@@ -103,7 +104,8 @@ def report_inputs(session: Session, store, job: Job) -> tuple[dict, dict[str, by
                 figures[a.name] = b"".join(store.open(a.key))
             except ObjectNotFound:
                 pass  # listed but gone from the store: the page says which figures it has
-    return job_public(job, arts).model_dump(mode="json"), figures
+    return (job_public(job, arts).model_dump(mode="json"), figures,
+            encoder_identity(session, job.team_id, job.encoder_id, [job]))
 
 
 def view_for_key(session: Session, key: str | None, job_id: uuid.UUID) -> JobPublic:

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import HTMLResponse
 
 from app import audits as service
-from app import jobs as job_service
 from app.deps import AuditDep, KeyFirstRoute, QueueDep, SessionDep, SettingsDep, TeamDep
 from app.problems import problem_responses
 from app.schemas import AuditCreate, AuditPublic, AuditsPublic
@@ -57,9 +56,7 @@ def read_audit_report(audit: AuditDep, session: SessionDep) -> HTMLResponse:
     """The audit as one self-contained HTML page: the table, the worst drops, defences, a figure."""
     from app.report import CSP, render_audit_report
 
-    public, figures = service.report_inputs(session, audit)
-    encoder = job_service.encoder_identity(session, audit.team_id, audit.encoder_id,
-                                           service.jobs_of(session, [audit.id])[audit.id])
+    public, figures, encoder = service.report_inputs(session, audit)
     page = render_audit_report(public, figures, job_href=job_report_path, encoder=encoder)
     return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
 

@@ -91,8 +91,7 @@ def download_poisoned_set(job: JobDep, session: SessionDep, store: StoreDep) -> 
 @router.get("/{job_id}/report", response_class=HTMLResponse, responses={200: {"content": {"text/html": {}}}})
 def read_job_report(job: JobDep, session: SessionDep, store: StoreDep) -> HTMLResponse:
     """The job as one self-contained HTML page: results, defences, figures, parameters, provenance."""
-    public, figures = service.report_inputs(session, store, job)
-    encoder = service.encoder_identity(session, job.team_id, job.encoder_id, [job])
+    public, figures, encoder = service.report_inputs(session, store, job)
     page = render_job_report(public, figures, audit_href=audit_report_path, encoder=encoder)
     return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
 

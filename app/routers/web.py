@@ -179,8 +179,7 @@ def job_page(job_id: str, auth: WebAuthDep, session: SessionDep, store: StoreDep
     job = _job_of(session, auth, job_id)
     if job is None:
         return not_found_page("job", job_id)
-    public, figures = job_service.report_inputs(session, store, job)
-    encoder = job_service.encoder_identity(session, job.team_id, job.encoder_id, [job])
+    public, figures, encoder = job_service.report_inputs(session, store, job)
     return html(render_job_report(public, figures, nav=pages.job_nav(auth.team.name, auth.csrf, public),
                                   audit_href=lambda ident: f"{PATH}/audits/{ident}", encoder=encoder,
                                   csp=pages.UI_CSP))
@@ -207,9 +206,7 @@ def audit_page(audit_id: str, auth: WebAuthDep, session: SessionDep) -> HTMLResp
     audit = _audit_of(session, auth, audit_id)
     if audit is None:
         return not_found_page("audit", audit_id)
-    public, figures = audit_service.report_inputs(session, audit)
-    encoder = job_service.encoder_identity(session, audit.team_id, audit.encoder_id,
-                                           audit_service.jobs_of(session, [audit.id])[audit.id])
+    public, figures, encoder = audit_service.report_inputs(session, audit)
     return html(render_audit_report(public, figures, nav=pages.audit_nav(auth.team.name, auth.csrf, public),
                                     job_href=lambda ident: f"{PATH}/jobs/{ident}", encoder=encoder,
                                     csp=pages.UI_CSP))
